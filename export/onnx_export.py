@@ -1,0 +1,114 @@
+"""Checkpoint -> ONNX package (model.onnx + card.json), proven equal to PyTorch on real images.
+
+The package has a dynamic batch axis and two outputs: ``logits`` and the L2-normalised
+``embedding``. Parity (max abs difference of both outputs, top-1 agreement) is measured with
+onnxruntime on real held-out images and written into the card; if it fails the tolerance, nothing
+is written. The legacy TorchScript exporter (opset 17) is used because onnxruntime's quantisation
+tools fail on the dynamo exporter's graphs (STACK-NOTES.md), and int8 export builds on this.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medcl.card import Card, OnnxSpec
+from medcl.preprocess import IMAGE_SUFFIXES, load_model_pixels, normalise
+
+DEFAULT_OPSET = 17
+DEFAULT_TOLERANCE = 1e-4
+
+
+class ParityError(RuntimeError):
+    """The exported graph does not reproduce PyTorch within tolerance; no package was written."""
+
+
+def parity_images(card: Card, parity_data: str | Path | None, limit: int) -> tuple[np.ndarray, str]:
+    """Real held-out images as uint8 model pixels: a given folder, else the run's own test split."""
+    if parity_data is not None:
+        root = Path(parity_data)
+        if root.is_file() and root.suffix == ".npz":
+            with np.load(root) as archive:
+                return archive["test_images"][:limit].astype(np.uint8), f"{root} (test split)"
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+        if not files:
+            raise FileNotFoundError(f"no images under {root} for the parity check")
+        return np.stack([load_model_pixels(f, card.preprocess) for f in files]), str(root)
+    if card.data.kind == "npz" and Path(card.data.path).is_file():
+        with np.load(card.data.path) as archive:
+            return archive[f"{card.data.test_split}_images"][:limit].astype(np.uint8), \
+                f"{card.data.path} ({card.data.test_split} split)"
+    raise FileNotFoundError(
+        f"the training data ({card.data.path}) is not here for the parity check: pass --parity-data DIR "
+        "with real held-out images")
+
+
+def export_onnx(run_dir: str | Path, out_dir: str | Path, parity_data: str | Path | None = None,
+                opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE, n_parity: int = 64) -> Path:
+    """Write the package to ``out_dir`` (replacing an older one atomically); returns ``out_dir``."""
+    import onnx
+    import onnxruntime as ort
+
+    from training.engine import load_trained
+    from training.models import ExportWrapper
+
+    model, card = load_trained(run_dir)
+    wrapper = ExportWrapper(model).eval()
+    pixels, parity_source = parity_images(card, parity_data, n_parity)
+    inputs = normalise(pixels, card.preprocess)
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        onnx_path = staging / "model.onnx"
+        dummy = torch.from_numpy(inputs[:2])
+        torch.onnx.export(
+            wrapper, (dummy,), str(onnx_path), dynamo=False, opset_version=opset,
+            input_names=["image"], output_names=["logits", "embedding"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "embedding": {0: "batch"}},
+        )
+        onnx.checker.check_model(str(onnx_path))
+
+        with torch.no_grad():
+            ref_logits, ref_emb = (t.numpy() for t in wrapper(torch.from_numpy(inputs)))
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        # Whole batch and single images: the dynamic batch axis must give the same answers.
+        got_logits, got_emb = session.run(["logits", "embedding"], {"image": inputs})
+        single = [session.run(["logits"], {"image": inputs[i:i + 1]})[0] for i in range(min(4, len(inputs)))]
+        parity = {
+            "images": int(len(inputs)),
+            "source": parity_source,
+            "max_abs_diff_logits": float(np.abs(got_logits - ref_logits).max()),
+            "max_abs_diff_embedding": float(np.abs(got_emb - ref_emb).max()),
+            "max_abs_diff_logits_batch1": float(max(np.abs(s - ref_logits[i:i + 1]).max() for i, s in enumerate(single))),
+            "top1_agreement": float((got_logits.argmax(1) == ref_logits.argmax(1)).mean()),
+            "tolerance": tolerance,
+            "onnxruntime": ort.__version__,
+            "torch": torch.__version__.split("+")[0],
+        }
+        worst = max(parity["max_abs_diff_logits"], parity["max_abs_diff_embedding"], parity["max_abs_diff_logits_batch1"])
+        if not worst <= tolerance:
+            raise ParityError(f"ONNX differs from PyTorch by {worst:.3g} (> {tolerance:g}) on {len(inputs)} images; "
+                              "no package written")
+        card.onnx = OnnxSpec(file="model.onnx", opset=opset, exporter=f"torch.onnx (TorchScript) {torch.__version__}",
+                             parity=parity)
+        card.save(staging)
+        _swap_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)

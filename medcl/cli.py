@@ -1,0 +1,185 @@
+"""The ``medcl`` command. Each subcommand imports what it needs when it runs, so ``medcl serve``
+never imports torch and ``medcl --help`` is instant.
+
+Errors the user can fix print one line (``medcl: error: ...``) and exit 2; anything unexpected
+prints one line and exits 1 (``MEDCL_DEBUG=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class UsageError(ValueError):
+    """Bad input from the user: exit 2 with the message."""
+
+
+def _parse_overrides(pairs: Sequence[str]) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UsageError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.engine import train
+
+    config = load_config(args.config, _parse_overrides(args.set))
+    run_dir = train(config, resume=not args.no_resume, progress=not args.quiet)
+    metrics = json.loads((run_dir / "metrics.json").read_text())["test"]
+    print(json.dumps({"run_dir": str(run_dir), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                      "balanced_accuracy": metrics["balanced_accuracy"], "knn_accuracy": metrics["knn_accuracy"]}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from training.data import read_folder, read_npz
+    from training.engine import load_trained
+    from training.metrics import classification_metrics, predict
+
+    model, card = load_trained(args.run_dir)
+    aliases = dict(a.split("=", 1) for a in args.alias)
+    if args.images:
+        folder, _ = read_folder(args.images, card.preprocess)
+        mapped = [aliases.get(n, n) for n in folder.class_names]
+        unknown = [n for n in mapped if n not in card.class_names]
+        if unknown:
+            raise UsageError(f"folder classes not in the model's classes: {', '.join(unknown)} (use --alias DIR=CLASS)")
+        labels = np.array([card.class_names.index(mapped[y]) for y in folder.labels])
+        images, source = folder.images, str(args.images)
+    else:
+        path = args.data or card.data.path
+        split = read_npz(path, card.class_names)
+        part = getattr(split, args.split)
+        if part is None:
+            raise UsageError(f"{path} has no {args.split} split")
+        images, labels, source = part.images, part.labels, f"{path} ({args.split})"
+    logits, _ = predict(model, images, card.preprocess.mean, card.preprocess.std)
+    result = classification_metrics(labels, logits.argmax(1), card.class_names)
+    result.update({"source": source, "images": int(len(labels)), "model_version": card.version})
+    print(json.dumps(result, indent=None if args.compact else 2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import export_onnx
+
+    out = export_onnx(args.run_dir, args.out, parity_data=args.parity_data, opset=args.opset,
+                      tolerance=args.tolerance)
+    from medcl.card import Card
+
+    print(json.dumps({"package": str(out), "parity": Card.load(out).onnx.parity}, indent=2))
+    return 0
+
+
+def _bentoml_serve(package: Path, port: int, host: str) -> int:
+    if not (package / "card.json").is_file():
+        raise UsageError(f"no model package at {package}; run `medcl demo prepare` or `medcl export`")
+    env = dict(os.environ, MEDCL_PACKAGE=str(package.resolve()))
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:Medcl", "--port", str(port), "--host", host,
+           "--working-dir", str(REPO_ROOT)]
+    print(f"medcl: serving {package} on http://{host}:{port}", file=sys.stderr, flush=True)
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.package import default_package_dir
+
+    return _bentoml_serve(Path(args.package) if args.package else default_package_dir(), args.port, args.host)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medcl.demo import prepare_demo
+
+    package = prepare_demo(force=args.force)
+    if args.action == "serve":
+        return _bentoml_serve(package, args.port, args.host)
+    print(json.dumps({"package": str(package)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medcl", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    default_port = int(os.environ.get("MEDCL_PORT", 3000))
+
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("config", type=Path)
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set data.label_fraction=0.1 (repeatable)")
+    t.add_argument("--no-resume", action="store_true", help="start again even if a checkpoint exists")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a trained run on a split or a class-per-folder image tree")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("--data", type=Path, help="an .npz with splits (default: the run's own data)")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--images", type=Path, help="class-per-folder images, preprocessed by the card")
+    e.add_argument("--alias", action="append", default=[], metavar="FOLDER=CLASS",
+                   help="map a folder name to a class name, e.g. ig=immature_granulocyte")
+    e.add_argument("--compact", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="export a trained run to an ONNX package (parity-checked)")
+    x.add_argument("run_dir", type=Path)
+    x.add_argument("--out", type=Path, required=True)
+    x.add_argument("--parity-data", type=Path, help="real held-out images (folder or .npz) for the parity check")
+    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--tolerance", type=float, default=1e-4)
+    x.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="serve a model package over HTTP (BentoML)")
+    s.add_argument("--package", type=Path, help="package directory (default: MEDCL_PACKAGE or the demo)")
+    s.add_argument("--port", type=int, default=default_port)
+    s.add_argument("--host", default=os.environ.get("MEDCL_HOST", "127.0.0.1"))
+    s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("demo", help="train the demo model if needed, then serve it")
+    d.add_argument("action", choices=["prepare", "serve"])
+    d.add_argument("--force", action="store_true", help="retrain even if the demo package exists")
+    d.add_argument("--port", type=int, default=default_port)
+    d.add_argument("--host", default=os.environ.get("MEDCL_HOST", "127.0.0.1"))
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("medcl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for the user; the traceback only on request
+        if os.environ.get("MEDCL_DEBUG"):
+            raise
+        expected = _is_user_error(e)
+        kind = "error" if expected else f"unexpected {type(e).__name__}"
+        print(f"medcl: {kind}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2 if expected else 1
+
+
+def _is_user_error(e: Exception) -> bool:
+    names = {"UsageError", "ConfigError", "DataError", "ParityError", "PackageError", "ImageDecodeError"}
+    return type(e).__name__ in names or isinstance(e, (FileNotFoundError, NotADirectoryError, PermissionError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Prometheus metrics beyond BentoML's defaults (module level, so they appear on /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+IMAGES = Counter("medcl_images_total", "Images processed", ["endpoint", "model"])
+ERRORS = Counter("medcl_request_errors_total", "Requests refused or failed, by kind", ["endpoint", "kind"])
+BATCH_SIZE = Histogram("medcl_model_batch_size", "Images per model call after adaptive batching", ["model", "output"],
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+INFERENCE_SECONDS = Histogram("medcl_inference_seconds", "Model call latency", ["model", "output"],
+                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+MODEL_INFO = Gauge("medcl_model_info", "Loaded model version (value 1)", ["model", "version", "provider"])

@@ -1,0 +1,71 @@
+"""A model package on disk (model.onnx + card.json) opened as an onnxruntime session. No torch here."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from medcl.card import Card
+
+log = logging.getLogger("medcl.service")
+
+PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+PROVIDER_LABEL = {"TensorrtExecutionProvider": "TensorRT", "CUDAExecutionProvider": "CUDA", "CPUExecutionProvider": "CPU"}
+
+
+class PackageError(RuntimeError):
+    """The directory is not a usable model package; the message says what is missing."""
+
+
+def default_package_dir() -> Path:
+    """``MEDCL_PACKAGE``, else the demo package under ``MEDCL_HOME`` (default ``.medcl``)."""
+    explicit = os.environ.get("MEDCL_PACKAGE")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("MEDCL_HOME", ".medcl")) / "packages" / "demo-bloodmnist"
+
+
+def session_options(threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    # One intra-op pool sized to the cores; inter-op parallelism off so pools do not oversubscribe.
+    opts.intra_op_num_threads = threads or int(os.environ.get("MEDCL_ORT_THREADS", 0)) or (os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
+def create_session(model_path: Path, threads: int | None = None):
+    """Session on the best available provider (TensorRT -> CUDA -> CPU); returns (session, label)."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    wanted = [p for p in PROVIDER_PREFERENCE if p in available]
+    session = ort.InferenceSession(str(model_path), sess_options=session_options(threads), providers=wanted)
+    # onnxruntime-gpu without CUDA libraries falls back silently: report what really runs.
+    active = session.get_providers()[0]
+    log.info("model %s runs on %s (available: %s)", model_path, active, ", ".join(sorted(available)))
+    return session, PROVIDER_LABEL.get(active, active)
+
+
+class ModelPackage:
+    def __init__(self, directory: str | os.PathLike[str], threads: int | None = None) -> None:
+        self.directory = Path(directory)
+        if not (self.directory / "card.json").is_file():
+            raise PackageError(f"no model package at {self.directory} (card.json missing); "
+                               "run `medcl export RUN --out DIR` or `medcl demo prepare`")
+        self.card = Card.load(self.directory)
+        if self.card.onnx is None:
+            raise PackageError(f"{self.directory}/card.json describes a checkpoint, not an exported package")
+        model_path = self.directory / self.card.onnx.file
+        if not model_path.is_file():
+            raise PackageError(f"{model_path} is missing")
+        self.session, self.provider = create_session(model_path, threads)
+        self.input_name = self.card.onnx.input_name
+
+    def run(self, batch: np.ndarray, output: str) -> np.ndarray:
+        return self.session.run([output], {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]

@@ -1,0 +1,90 @@
+"""Shared fixtures: where the real data lives, and a small model trained once per session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("MEDCL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+DEMO_NPZ = REPO_ROOT / "demo" / "bloodmnist-demo.npz"
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo-bloodmnist.yaml"
+
+
+def shared(*parts: str) -> Path:
+    """A path in ../shared/data, or a skip that says what is missing (users' machines lack it)."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not present: {path} (the shared data folder is only on project machines)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo config shrunk to a minute's training on the carried BloodMNIST subset."""
+    from training.config import load_config
+    from training.engine import train
+
+    out = tmp_path_factory.mktemp("runs")
+    config = load_config(DEMO_CONFIG, {
+        "name": "tiny", "output_dir": str(out), "schedule.steps": 40, "schedule.eval_every": 0,
+        "schedule.checkpoint_every": 20, "schedule.unlabelled_batch": 32, "method.pseudo_warmup_steps": 20,
+        "model.width": 16,
+    })
+    return train(config, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.onnx_export import export_onnx
+
+    return export_onnx(tiny_run, tmp_path_factory.mktemp("packages") / "tiny")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def service_url(tiny_package: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real `medcl serve` (BentoML + onnxruntime) on loopback, serving the tiny package."""
+    import httpx
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("service") / "serve.log"
+    env = dict(os.environ, MEDCL_PORT=str(port), BENTOML_HOME=str(tmp_path_factory.mktemp("bentoml")))
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "medcl.cli", "serve", "--package", str(tiny_package),
+                                 "--port", str(port)], stdout=f, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"service exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"service not ready after 120 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)

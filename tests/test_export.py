@@ -1,0 +1,54 @@
+"""ONNX export: parity with PyTorch on real images, recomputed here, and refusal on failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.onnx_export import ParityError, export_onnx
+from medcl.card import Card
+from medcl.preprocess import decode_image, normalise, to_model_pixels
+from tests.conftest import shared
+from training.engine import load_trained
+from training.models import ExportWrapper
+
+
+def test_package_has_card_with_parity_and_dynamic_batch(tiny_package: Path) -> None:
+    card = Card.load(tiny_package)
+    assert card.onnx is not None and card.onnx.opset == 17
+    parity = card.onnx.parity
+    assert parity["images"] == 64 and parity["max_abs_diff_logits"] <= 1e-4
+    assert parity["top1_agreement"] == 1.0
+    session = ort.InferenceSession(str(tiny_package / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "embedding"]
+    assert session.get_inputs()[0].shape[0] == "batch"
+
+
+def test_parity_recomputed_on_full_size_photos(tiny_run: Path, tiny_package: Path) -> None:
+    photos = sorted(shared("blood-photos").rglob("*.jpg"))[::60]
+    card = Card.load(tiny_package)
+    x = normalise(np.stack([to_model_pixels(decode_image(p), card.preprocess) for p in photos]), card.preprocess)
+    model, _ = load_trained(tiny_run)
+    with torch.no_grad():
+        ref_logits, ref_emb = (t.numpy() for t in ExportWrapper(model)(torch.from_numpy(x)))
+    session = ort.InferenceSession(str(tiny_package / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, emb = session.run(None, {"image": x})
+    assert np.abs(logits - ref_logits).max() <= 1e-4
+    assert np.abs(emb - ref_emb).max() <= 1e-4
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_failed_parity_writes_nothing(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pkg"
+    with pytest.raises(ParityError, match="no package written"):
+        export_onnx(tiny_run, out, tolerance=1e-15)
+    assert not out.exists() and not [p for p in tmp_path.iterdir()]
+
+
+def test_export_uses_a_given_folder_of_real_images(tiny_run: Path, tmp_path: Path) -> None:
+    out = export_onnx(tiny_run, tmp_path / "pkg", parity_data=shared("blood-photos", "platelet"))
+    assert "platelet" in Card.load(out).onnx.parity["source"]

@@ -1,0 +1,94 @@
+"""The BentoML service over real HTTP, serving a package the project trained and exported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from medcl.card import Card
+from medcl.preprocess import decode_image, normalise, to_model_pixels
+from tests.conftest import shared
+
+
+def post_files(url: str, route: str, paths: list[Path], **params) -> httpx.Response:
+    files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    return httpx.post(f"{url}{route}", files=files, params=params, timeout=60)
+
+
+def test_classify_real_photographs(service_url: str, tiny_package: Path) -> None:
+    photos = sorted(shared("blood-photos").rglob("*.jpg"))[::100]
+    r = post_files(service_url, "/classify", photos, top_k=3)
+    assert r.status_code == 200, r.text
+    answers = r.json()
+    card = Card.load(tiny_package)
+    assert len(answers) == len(photos)
+    for a in answers:
+        assert a["label"] in card.class_names and 0 < a["score"] <= 1
+        assert a["model_version"] == card.version
+        assert len(a["top_k"]) == 3 and a["top_k"][0]["label"] == a["label"]
+        assert a["top_k"][0]["probability"] >= a["top_k"][1]["probability"]
+    # The service's answer is the package's answer through the card's preprocessing.
+    session = ort.InferenceSession(str(tiny_package / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = normalise(np.stack([to_model_pixels(decode_image(p), card.preprocess) for p in photos]), card.preprocess)
+    expected = [card.class_names[i] for i in session.run(["logits"], {"image": x})[0].argmax(1)]
+    assert [a["label"] for a in answers] == expected
+
+
+def test_classify_single_image_and_tiles(service_url: str) -> None:
+    photo = sorted(shared("blood-photos", "neutrophil").glob("*.jpg"))[0]
+    r = post_files(service_url, "/classify", [photo])
+    assert r.status_code == 200 and len(r.json()) == 1 and len(r.json()[0]["top_k"]) == 5
+
+
+def test_embed_returns_unit_vectors(service_url: str, tiny_package: Path) -> None:
+    photos = sorted(shared("blood-photos", "monocyte").glob("*.jpg"))[:3]
+    r = post_files(service_url, "/embed", photos)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    dim = Card.load(tiny_package).architecture.embedding_dim
+    assert len(body) == 3
+    for item in body:
+        v = np.asarray(item["embedding"])
+        assert item["dim"] == dim == v.shape[0]
+        assert abs(np.linalg.norm(v) - 1) < 1e-5
+
+
+def test_truncated_jpeg_gets_400_with_a_message(service_url: str, tmp_path: Path) -> None:
+    photo = sorted(shared("blood-photos", "basophil").glob("*.jpg"))[0]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(photo.read_bytes()[:3000])
+    good = sorted(shared("blood-photos", "basophil").glob("*.jpg"))[1]
+    r = post_files(service_url, "/classify", [good, broken])
+    assert r.status_code == 400
+    assert "image 1 (broken.jpg)" in r.text and ("truncated" in r.text or "decoded" in r.text)
+
+
+@pytest.mark.parametrize("payload", [b"not an image at all", b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
+def test_garbage_gets_4xx_not_500(service_url: str, payload: bytes) -> None:
+    r = httpx.post(f"{service_url}/classify", files=[("images", ("x.png", payload, "image/png"))], timeout=30)
+    assert 400 <= r.status_code < 500, r.text
+
+
+def test_missing_images_field_is_a_client_error(service_url: str) -> None:
+    r = httpx.post(f"{service_url}/classify", files=[("other", ("x.png", b"abc", "image/png"))], timeout=30)
+    assert 400 <= r.status_code < 500
+
+
+def test_health_and_metrics(service_url: str) -> None:
+    assert httpx.get(f"{service_url}/livez").status_code == 200
+    assert httpx.get(f"{service_url}/readyz").status_code == 200
+    text = httpx.get(f"{service_url}/metrics").text
+    assert "medcl_images_total" in text and "bentoml_service_request" in text
+
+
+def test_the_serving_path_never_imports_torch() -> None:
+    code = "import sys, service.service; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,143 @@
+"""Training configuration: YAML validated by pydantic. Paths are relative to the YAML file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medcl.card import ArchitectureSpec, PreprocessSpec
+from training.augment import AugmentSpec
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: Literal["npz", "folder", "csv"]
+    path: str
+    class_names: list[str] | None = None
+    label_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    # Folder and CSV sources have no official split: a seeded, stratified, group-safe one is made.
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    path_column: str = "path"
+    label_column: str = "label"
+    group_column: str | None = None
+    max_train_images: int | None = Field(default=None, ge=1)
+
+
+class MethodConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["cross_entropy", "supcon", "s5cl"]
+    tau_labelled: float = Field(default=0.2, gt=0.0)
+    tau_unlabelled: float = Field(default=0.7, gt=0.0)
+    tau_pseudo: float = Field(default=0.7, gt=0.0)
+    # S5CL switches L_u -> L_p after a warm-up: one epoch over the unlabelled set in the reference.
+    pseudo_warmup_steps: int = Field(default=100, ge=0)
+    # None = the reference behaviour (every pseudo-label counts); a value keeps only confident ones.
+    pseudo_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class OptimConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["adamax", "adam", "adamw", "sgd"] = "adamax"
+    lr: float = Field(default=1e-4, gt=0.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+
+
+class ScheduleConfig(BaseModel):
+    """The budget is in optimiser steps so that methods compare at equal compute and labelled batches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(ge=1)
+    labelled_batch: int = Field(default=32, ge=2)
+    m_per_class: int = Field(default=4, ge=1)
+    unlabelled_batch: int = Field(default=128, ge=2)
+    eval_every: int = Field(default=0, ge=0)  # 0: only at the end
+    checkpoint_every: int = Field(default=100, ge=1)
+    max_minutes: float | None = Field(default=None, gt=0.0)
+    threads: int | None = Field(default=None, ge=1)
+    knn_k: int = Field(default=20, ge=1)
+
+    @model_validator(mode="after")
+    def _m_divides_batch(self) -> "ScheduleConfig":
+        if self.labelled_batch % self.m_per_class:
+            raise ValueError(f"labelled_batch {self.labelled_batch} must be a multiple of m_per_class {self.m_per_class}")
+        return self
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    seed: int = 0
+    data: DataConfig
+    model: ArchitectureSpec = ArchitectureSpec()
+    pretrained: str | None = None
+    preprocess: PreprocessSpec
+    augment: AugmentSpec = AugmentSpec()
+    method: MethodConfig
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig
+    output_dir: str = "runs"
+
+    def fingerprint(self) -> str:
+        """Hash of what shapes the training trajectory: a run resumes only into the same one.
+
+        The step budget, time budget, evaluation and checkpoint cadence and output folder are left
+        out, so a finished run can be extended with more steps and resumed bit-for-bit.
+        """
+        payload = self.model_dump_json(exclude={"output_dir": True, "schedule": {
+            "steps", "max_minutes", "eval_every", "checkpoint_every", "threads"}})
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the field."""
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict | None = None) -> TrainConfig:
+    """Read a YAML config; relative data, pretrained and output paths are taken from the YAML's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no config file at {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    base = path.parent
+    if isinstance(raw.get("data"), dict) and "path" in raw["data"]:
+        raw["data"]["path"] = str(_resolve(base, raw["data"]["path"]))
+    if raw.get("pretrained"):
+        raw["pretrained"] = str(_resolve(base, raw["pretrained"]))
+    raw["output_dir"] = str(_resolve(base, raw.get("output_dir", "runs")))
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(os.path.expandvars(os.path.expanduser(value)))
+    return p if p.is_absolute() else (base / p).resolve()
