@@ -33,6 +33,13 @@ MAX_FILE_BYTES = int(os.environ.get("MEDCL_MAX_FILE_BYTES", 50 * 1024 * 1024))
 MAX_PIXELS = int(os.environ.get("MEDCL_MAX_PIXELS", DEFAULT_MAX_PIXELS))
 
 
+def uploaded_name(path: Path) -> str:
+    """The client's filename: BentoML stores an upload via NamedTemporaryFile(suffix=<filename>),
+    whose name is 'tmp' + 8 random characters + the suffix."""
+    name = Path(path).name
+    return name[11:] if name.startswith("tmp") and len(name) > 11 else name
+
+
 class PayloadTooLarge(BentoMLException):
     error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
@@ -99,7 +106,7 @@ class Medcl:
             raise PayloadTooLarge(f"{len(images)} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}")
         pixels = []
         for i, path in enumerate(images):
-            name = Path(path).name
+            name = uploaded_name(path)
             size = Path(path).stat().st_size
             if size > MAX_FILE_BYTES:
                 metrics.ERRORS.labels(endpoint, "file_too_large").inc()

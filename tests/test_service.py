@@ -16,9 +16,10 @@ from medcl.preprocess import decode_image, normalise, to_model_pixels
 from tests.conftest import shared
 
 
-def post_files(url: str, route: str, paths: list[Path], **params) -> httpx.Response:
+def post_files(url: str, route: str, paths: list[Path], **fields) -> httpx.Response:
+    """Multipart: the files in field ``images``; other arguments (top_k) are form fields beside them."""
     files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
-    return httpx.post(f"{url}{route}", files=files, params=params, timeout=60)
+    return httpx.post(f"{url}{route}", files=files, data={k: str(v) for k, v in fields.items()}, timeout=60)
 
 
 def test_classify_real_photographs(service_url: str, tiny_package: Path) -> None:
