@@ -56,3 +56,15 @@ def test_export_command_prints_parity(tiny_run: Path, tmp_path: Path) -> None:
     out = medcl("export", str(tiny_run), "--out", str(tmp_path / "pkg"))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["parity"]["max_abs_diff_logits"] <= 1e-4
+
+
+def test_demo_serves_an_existing_package_without_retraining(tiny_package: Path, tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny_package, home / "packages" / "demo-bloodmnist")
+    out = medcl("demo", "prepare", env=dict(os.environ, MEDCL_HOME=str(home)))
+    assert out.returncode == 0, out.stderr
+    assert "demo package ready" in out.stderr and "training" not in out.stderr
+    assert json.loads(out.stdout)["package"] == str(home / "packages" / "demo-bloodmnist")

@@ -8,6 +8,7 @@ reads), ``history.json``, ``metrics.json`` and figures.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -121,6 +122,12 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.O
     return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=0.9, nesterov=True)
 
 
+def learning_rate(config: TrainConfig, step: int) -> float:
+    if config.optim.schedule == "cosine":
+        return 0.5 * config.optim.lr * (1 + math.cos(math.pi * min(step, config.schedule.steps) / config.schedule.steps))
+    return config.optim.lr
+
+
 def make_card(config: TrainConfig, data: TrainingData, version: str) -> Card:
     return Card(
         name=config.name,
@@ -203,6 +210,8 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
         batch = Batch(labelled=labelled_images[li], labels=labelled_labels[li],
                       unlabelled=unlabelled_images[ui] if ui is not None else None)
         ctx = StepContext(step=step, generator=generator, augment=config.augment, preprocess=config.preprocess)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
         terms = method.loss_terms(model, batch, ctx)
         loss = torch.stack(list(terms.values())).sum()
         if not torch.isfinite(loss):
