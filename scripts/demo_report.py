@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def main() -> None:
     ap.add_argument("--url", default="http://127.0.0.1:3000")
     ap.add_argument("--photos", type=Path, required=True)
     ap.add_argument("--package", type=Path, default=Path(".medcl/packages/demo-bloodmnist"))
+    ap.add_argument("--run", type=Path, default=Path(".medcl/runs/demo-bloodmnist"),
+                    help="the demo's training run (for its learning curve)")
     ap.add_argument("--out", type=Path, default=Path("docs/demo.md"))
     ap.add_argument("--batch", type=int, default=25)
     args = ap.parse_args()
@@ -54,6 +57,9 @@ def main() -> None:
     figure = args.out.with_name("demo_photos_confusion.png")
     confusion_matrix_plot(photos["confusion_matrix"], card.class_names, figure,
                           f"demo model on {len(files)} PBC photographs: accuracy {photos['accuracy']:.3f}")
+    curve = args.run / "learning_curve.png"
+    if curve.is_file():
+        shutil.copyfile(curve, args.out.with_name("demo_learning_curve.png"))
     report = {"model_version": sorted(versions), "photos": photos, "n_photos": len(files),
               "http_seconds": round(seconds, 1), "test_split": {k: card.metrics[k] for k in
                                                                ("accuracy", "macro_f1", "balanced_accuracy",
@@ -88,6 +94,10 @@ Per-class F1 on the photographs:
 {per_class}
 
 ![confusion matrix on the photographs](demo_photos_confusion.png)
+
+Learning curve of the demo run (loss terms per step; validation accuracy every 50 steps):
+
+![learning curve](demo_learning_curve.png)
 
 Produced by:
 

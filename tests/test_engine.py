@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ from safetensors.torch import load_file
 
 from medcl.card import Card
 from tests.conftest import DEMO_CONFIG
+from training.checkpoint import find_training_checkpoint
 from training.config import ConfigError, load_config
 from training.engine import train
 
@@ -34,17 +39,48 @@ def test_a_run_writes_checkpoint_card_metrics_and_figures(tiny_run: Path) -> Non
     assert card.metrics["accuracy"] > 1 / 8  # better than chance after 40 steps
 
 
-def test_resume_continues_bit_for_bit(tmp_path: Path) -> None:
-    straight = train(load_config(DEMO_CONFIG, {**FAST, "name": "a", "output_dir": str(tmp_path),
-                                               "schedule.steps": 6}), progress=False)
-    interrupted = load_config(DEMO_CONFIG, {**FAST, "name": "b", "output_dir": str(tmp_path), "schedule.steps": 3})
-    train(interrupted, progress=False)
-    resumed = train(load_config(DEMO_CONFIG, {**FAST, "name": "b", "output_dir": str(tmp_path),
-                                              "schedule.steps": 6}), progress=False)
-    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert Card.load(resumed).training["steps_done"] == 6
+def _weights_equal(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_killed_run_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """SIGKILL a real `medcl train` after its first checkpoint, resume it, compare with a straight run."""
+    overrides = {**FAST, "schedule.steps": 16, "schedule.checkpoint_every": 2, "output_dir": str(tmp_path)}
+    straight = train(load_config(DEMO_CONFIG, {**overrides, "name": "straight"}), progress=False)
+    args = [sys.executable, "-m", "medcl.cli", "train", str(DEMO_CONFIG), "--quiet", "--set", "name=killed"]
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value}"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "killed"
+    deadline = time.time() + 240
+    while find_training_checkpoint(run_dir) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # A kill between the two renames of a checkpoint swap leaves checkpoint.old, which is found too.
+    checkpoint = find_training_checkpoint(run_dir)
+    assert checkpoint is not None
+    step_at_kill = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    assert 2 <= step_at_kill < 16, "the kill must land mid-run for this test to mean anything"
+    resumed = train(load_config(DEMO_CONFIG, {**overrides, "name": "killed"}), progress=False)
+    assert _weights_equal(straight, resumed)
+    assert Card.load(resumed).training["steps_done"] == 16
+
+
+def test_a_finished_constant_lr_run_can_be_extended(tmp_path: Path) -> None:
+    base = {**FAST, "optim.schedule": "constant", "output_dir": str(tmp_path)}
+    straight = train(load_config(DEMO_CONFIG, {**base, "name": "a", "schedule.steps": 6}), progress=False)
+    train(load_config(DEMO_CONFIG, {**base, "name": "b", "schedule.steps": 3}), progress=False)
+    extended = train(load_config(DEMO_CONFIG, {**base, "name": "b", "schedule.steps": 6}), progress=False)
+    assert _weights_equal(straight, extended)
+
+
+def test_cosine_runs_refuse_a_changed_step_budget(tmp_path: Path) -> None:
+    base = {**FAST, "optim.schedule": "cosine", "output_dir": str(tmp_path), "name": "cos"}
+    train(load_config(DEMO_CONFIG, {**base, "schedule.steps": 2}), progress=False)
+    with pytest.raises(RuntimeError, match="different config"):
+        train(load_config(DEMO_CONFIG, {**base, "schedule.steps": 4}), progress=False)
 
 
 def test_resume_refuses_a_different_config(tmp_path: Path) -> None:

@@ -95,11 +95,14 @@ class TrainConfig(BaseModel):
     def fingerprint(self) -> str:
         """Hash of what shapes the training trajectory: a run resumes only into the same one.
 
-        The step budget, time budget, evaluation and checkpoint cadence and output folder are left
-        out, so a finished run can be extended with more steps and resumed bit-for-bit.
+        The time budget, evaluation and checkpoint cadence, threads and output folder are left out.
+        So is the step budget under a constant learning rate, so that a finished run can be
+        extended bit-for-bit; under cosine decay every step's rate depends on it, so it counts.
         """
-        payload = self.model_dump_json(exclude={"output_dir": True, "schedule": {
-            "steps", "max_minutes", "eval_every", "checkpoint_every", "threads"}})
+        volatile = {"max_minutes", "eval_every", "checkpoint_every", "threads"}
+        if self.optim.schedule == "constant":
+            volatile.add("steps")
+        payload = self.model_dump_json(exclude={"output_dir": True, "schedule": volatile})
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     def run_dir(self) -> Path:
