@@ -39,8 +39,23 @@ def prepare_demo(force: bool = False) -> Path:
     from training.engine import train
 
     config = load_config(DEMO_CONFIG, {"output_dir": str(medcl_home() / "runs")})
+    resume = not force and _checkpoint_matches(config)
     print(f"medcl: first run: training the demo model ({config.method.name}, {config.schedule.steps} steps, "
           f"budget {config.schedule.max_minutes} min) on {DEMO_DATA.name}", file=sys.stderr, flush=True)
-    run_dir = train(config, resume=not force)
+    run_dir = train(config, resume=resume)
     print("medcl: exporting to ONNX and checking parity with PyTorch", file=sys.stderr, flush=True)
     return export_onnx(run_dir, package)
+
+
+def _checkpoint_matches(config) -> bool:
+    """Resume an interrupted demo run only if it was made by this demo config; else start afresh
+    (a demo from an older version of the project must not block the new one)."""
+    import json
+
+    from training.checkpoint import STATE_FILENAME, find_training_checkpoint
+
+    checkpoint = find_training_checkpoint(config.run_dir())
+    if checkpoint is None:
+        return False
+    state = json.loads((checkpoint / STATE_FILENAME).read_text())
+    return state.get("config_fingerprint") == config.fingerprint()

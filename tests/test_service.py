@@ -93,3 +93,11 @@ def test_the_serving_path_never_imports_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("top_k", ["0", "1000", "many"])
+def test_invalid_top_k_is_a_400(service_url: str, top_k: str) -> None:
+    photo = sorted(shared("blood-photos", "lymphocyte").glob("*.jpg"))[0]
+    r = httpx.post(f"{service_url}/classify", files=[("images", (photo.name, photo.read_bytes(), "image/jpeg"))],
+                   data={"top_k": top_k}, timeout=30)
+    assert r.status_code == 400, r.text
