@@ -17,13 +17,14 @@ import numpy as np
 import torch
 
 from medcl.card import Card, OnnxSpec
+from medcl.errors import MedclError
 from medcl.preprocess import IMAGE_SUFFIXES, load_model_pixels, normalise
 
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
 
 
-class ParityError(RuntimeError):
+class ParityError(MedclError, RuntimeError):
     """The exported graph does not reproduce PyTorch within tolerance; no package was written."""
 
 

@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from medcl.errors import MedclError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class UsageError(ValueError):
+class UsageError(MedclError, ValueError):
     """Bad input from the user: exit 2 with the message."""
 
 
@@ -177,8 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_user_error(e: Exception) -> bool:
-    names = {"UsageError", "ConfigError", "DataError", "ParityError", "PackageError", "ImageDecodeError"}
-    return type(e).__name__ in names or isinstance(e, (FileNotFoundError, NotADirectoryError, PermissionError))
+    return isinstance(e, (MedclError, FileNotFoundError, NotADirectoryError, PermissionError))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from medcl.card import PreprocessSpec
+from medcl.errors import MedclError
 
 # A truncated file is an error for us, never a silently grey-filled image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -33,8 +34,12 @@ DEFAULT_MAX_PIXELS = 64_000_000
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(MedclError, ValueError):
     """The bytes are not an image we can read; the message says why, for the client."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """The image has more pixels than allowed (decompression-bomb guard)."""
 
 
 def decode_image(data: bytes | str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -44,7 +49,7 @@ def decode_image(data: bytes | str | os.PathLike[str], max_pixels: int = DEFAULT
         with Image.open(source) as im:
             width, height = im.size
             if width * height > max_pixels:
-                raise ImageDecodeError(f"image is {width}x{height} pixels, above the limit of {max_pixels}")
+                raise ImageTooLargeError(f"image is {width}x{height} pixels, above the limit of {max_pixels}")
             im.load()
             return im.copy() if im.mode in ("RGB", "RGBA", "L", "I;16", "I", "F", "LA", "P") else im.convert("RGB")
     except ImageDecodeError:
@@ -52,7 +57,7 @@ def decode_image(data: bytes | str | os.PathLike[str], max_pixels: int = DEFAULT
     except UnidentifiedImageError:
         raise ImageDecodeError("not a recognised image format (PNG, JPEG or TIFF expected)") from None
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"image too large: {e}") from None
+        raise ImageTooLargeError(f"image too large: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"image could not be decoded: {e}") from None
 

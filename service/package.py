@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from medcl.card import Card
+from medcl.errors import MedclError
 
 log = logging.getLogger("medcl.service")
 
@@ -16,7 +17,7 @@ PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CP
 PROVIDER_LABEL = {"TensorrtExecutionProvider": "TensorRT", "CUDAExecutionProvider": "CUDA", "CPUExecutionProvider": "CPU"}
 
 
-class PackageError(RuntimeError):
+class PackageError(MedclError, RuntimeError):
     """The directory is not a usable model package; the message says what is missing."""
 
 

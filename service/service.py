@@ -22,7 +22,8 @@ from bentoml.exceptions import BentoMLException, InvalidArgument
 from pydantic import BaseModel, Field
 
 from medcl.card import Card
-from medcl.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, normalise, to_model_pixels
+from medcl.preprocess import (DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, decode_image, normalise,
+                              to_model_pixels)
 from service import metrics
 from service.package import ModelPackage, default_package_dir
 
@@ -113,11 +114,11 @@ class Medcl:
                 raise PayloadTooLarge(f"image {i} ({name}) is {size} bytes; the limit is {MAX_FILE_BYTES}")
             try:
                 pixels.append(to_model_pixels(decode_image(path, MAX_PIXELS), self.card.preprocess))
+            except ImageTooLargeError as e:
+                metrics.ERRORS.labels(endpoint, "too_many_pixels").inc()
+                raise PayloadTooLarge(f"image {i} ({name}): {e}") from None
             except ImageDecodeError as e:
-                kind = "too_many_pixels" if "limit" in str(e) or "too large" in str(e) else "undecodable"
-                metrics.ERRORS.labels(endpoint, kind).inc()
-                if kind == "too_many_pixels":
-                    raise PayloadTooLarge(f"image {i} ({name}): {e}") from None
+                metrics.ERRORS.labels(endpoint, "undecodable").inc()
                 raise InvalidArgument(f"image {i} ({name}): {e}") from None
         metrics.IMAGES.labels(endpoint, self.card.name).inc(len(pixels))
         return normalise(np.stack(pixels), self.card.preprocess)

@@ -101,3 +101,14 @@ def test_invalid_top_k_is_a_400(service_url: str, top_k: str) -> None:
     r = httpx.post(f"{service_url}/classify", files=[("images", (photo.name, photo.read_bytes(), "image/jpeg"))],
                    data={"top_k": top_k}, timeout=30)
     assert r.status_code == 400, r.text
+
+
+def test_too_many_pixels_is_a_413(service_url: str) -> None:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(buf, format="PNG")  # 81 Mpx of zeros compresses to ~80 KB
+    r = httpx.post(f"{service_url}/classify", files=[("images", ("bomb.png", buf.getvalue(), "image/png"))], timeout=60)
+    assert r.status_code == 413 and "above the limit" in r.text

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medcl.card import ArchitectureSpec, PreprocessSpec
+from medcl.errors import MedclError
 from training.augment import AugmentSpec
 
 
@@ -109,7 +110,7 @@ class TrainConfig(BaseModel):
         return Path(self.output_dir) / self.name
 
 
-class ConfigError(ValueError):
+class ConfigError(MedclError, ValueError):
     """A config file that cannot be used; the message names the file and the field."""
 
 

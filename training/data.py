@@ -16,12 +16,13 @@ import numpy as np
 from tqdm import tqdm
 
 from medcl.card import PreprocessSpec
+from medcl.errors import MedclError
 from medcl.preprocess import IMAGE_SUFFIXES, ImageDecodeError, load_model_pixels
 
 UNLABELLED = -1
 
 
-class DataError(ValueError):
+class DataError(MedclError, ValueError):
     """The data on disk cannot be used as asked; the message says what is wrong and where."""
 
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Time `make serve` on a fresh clone with no ../shared beside it (as on a user's machine):
+# first run (set-up + demo training + export + start) and second run, until /readyz answers.
+#   bash scripts/time_first_run.sh            -> docs/first-run.md
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+port=${PORT:-3123}
+work=$(mktemp -d)
+trap 'pkill -f "medcl demo serve" || true; pkill -f "bentoml serve service.service:Medcl --port $port" || true; rm -rf "$work"' EXIT
+git clone -q "$repo" "$work/main"
+cd "$work/main"
+[ ! -e ../shared ] || { echo "../shared exists beside the clone; not a user machine" >&2; exit 1; }
+
+wait_ready() {  # seconds until /readyz answers, or fail after $1 s
+  local start=$(date +%s)
+  for _ in $(seq 1 "$1"); do
+    curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && { echo $(( $(date +%s) - start )); return 0; }
+    sleep 1
+  done
+  echo "not ready after $1 s" >&2; return 1
+}
+stop() { pkill -f "medcl demo serve" || true; pkill -f "bentoml serve service.service:Medcl --port $port" || true; sleep 3; }
+
+MEDCL_PORT=$port make serve > first.log 2>&1 &
+first=$(wait_ready 900)
+stop
+MEDCL_PORT=$port make serve > second.log 2>&1 &
+second=$(wait_ready 120)
+stop
+cat > "$repo/docs/first-run.md" <<DOC
+# First and later runs of \`make serve\`
+
+Measured by \`bash scripts/time_first_run.sh\` on $(date -u +%Y-%m-%d): a fresh clone with no \`../shared\`
+beside it (as on a user's machine), $(nproc) cores, wall-clock time from \`make serve\` until \`/readyz\` answers.
+
+| run | what happens | seconds |
+|---|---|---|
+| first | create .venv, install torch (pinned CPU wheel) and the project, train the demo (S5CL, 250 steps), export to ONNX with the parity check, start BentoML | $first |
+| second | find the demo package, start BentoML | $second |
+
+The target is at most 600 s for the first run and 30 s for later ones. Installing packages depends on
+how fast the package index answers: on this workplace's machines torch comes from a local wheel.
+DOC
+echo "first=$first second=$second"
