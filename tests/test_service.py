@@ -112,3 +112,30 @@ def test_too_many_pixels_is_a_413(service_url: str) -> None:
     Image.new("L", (9000, 9000)).save(buf, format="PNG")  # 81 Mpx of zeros compresses to ~80 KB
     r = httpx.post(f"{service_url}/classify", files=[("images", ("bomb.png", buf.getvalue(), "image/png"))], timeout=60)
     assert r.status_code == 413 and "above the limit" in r.text
+
+
+def test_concurrent_requests_are_batched_and_none_is_shed(service_url: str) -> None:
+    """32 clients at once, twice, with an idle gap longer than uvicorn's 5 s keep-alive between the
+    bursts (that gap once turned stale internal connections into 500s): every request gets 200,
+    and the model saw batches larger than one."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    photos = sorted(shared("blood-photos").rglob("*.jpg"))[::12][:96]
+
+    def one(p: Path) -> int:
+        return post_files(service_url, "/classify", [p]).status_code
+
+    statuses = []
+    for burst in range(2):
+        if burst:
+            time.sleep(6.5)
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            statuses += list(pool.map(one, photos))
+    assert statuses == [200] * (2 * len(photos))
+    text = httpx.get(f"{service_url}/metrics").text
+    count = sum(float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("medcl_model_batch_size_count") and 'output="logits"' in line)
+    total = sum(float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("medcl_model_batch_size_sum") and 'output="logits"' in line)
+    assert count > 0 and total / count > 1.0, "adaptive batching never formed a batch"
