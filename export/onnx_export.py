@@ -48,9 +48,29 @@ def parity_images(card: Card, parity_data: str | Path | None, limit: int) -> tup
         "with real held-out images")
 
 
+def labelled_splits(card: Card, data: str | Path | None, n_held_out: int = 2000, n_calibration: int = 256,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Held-out images + labels (test split) and calibration images (training split) from an .npz."""
+    path = Path(data) if data is not None else Path(card.data.path)
+    if path.suffix != ".npz" or not path.is_file():
+        raise FileNotFoundError(f"fp16/int8 variants need an .npz with train and test splits (got {path}); "
+                                "pass --parity-data DATA.npz")
+    with np.load(path) as archive:
+        test_x, test_y = archive["test_images"], archive["test_labels"].reshape(-1)
+        train_x = archive["train_images"]
+    rng = np.random.default_rng(seed)
+    held = rng.permutation(len(test_x))[:n_held_out]
+    calib = rng.permutation(len(train_x))[:n_calibration]
+    return test_x[held].astype(np.uint8), test_y[held].astype(np.int64), train_x[calib].astype(np.uint8)
+
+
 def export_onnx(run_dir: str | Path, out_dir: str | Path, parity_data: str | Path | None = None,
-                opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE, n_parity: int = 64) -> Path:
-    """Write the package to ``out_dir`` (replacing an older one atomically); returns ``out_dir``."""
+                opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE, n_parity: int = 64,
+                variants: list[str] | None = None, max_int8_drop: float = 0.01) -> Path:
+    """Write the package to ``out_dir`` (replacing an older one atomically); returns ``out_dir``.
+
+    ``variants`` ("fp16", "int8") are built beside model.onnx and gated (export/variants.py).
+    """
     import onnx
     import onnxruntime as ort
 
@@ -65,6 +85,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, parity_data: str | Pat
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a service running as another user must read it
     try:
         onnx_path = staging / "model.onnx"
         dummy = torch.from_numpy(inputs[:2])
@@ -98,6 +119,12 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, parity_data: str | Pat
                               "no package written")
         card.onnx = OnnxSpec(file="model.onnx", opset=opset, exporter=f"torch.onnx (TorchScript) {torch.__version__}",
                              parity=parity)
+        if variants:
+            from export.variants import build_variants
+
+            held_out, held_labels, calibration = labelled_splits(card, parity_data)
+            card.onnx.variants = build_variants(staging, card, held_out, held_labels, calibration, variants,
+                                                max_drop=max_int8_drop)
         card.save(staging)
         _swap_into_place(staging, out_dir)
     except BaseException:

@@ -96,6 +96,8 @@ class OnnxSpec(BaseModel):
     input_name: str = "image"
     output_names: list[str] = ["logits", "embedding"]
     parity: dict[str, float | int | str] = {}
+    # fp16/int8 files beside model.onnx, with their agreement, task-metric change and speed vs fp32
+    variants: dict[str, dict[str, float | int | str | bool]] = {}
 
 
 class Card(BaseModel):
@@ -139,6 +141,7 @@ class Card(BaseModel):
             f.write(self.model_dump_json(indent=2))
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the card is read by other users (the service)
         os.replace(tmp, target)
         return target
 

@@ -81,11 +81,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from export.onnx_export import export_onnx
 
+    variants = [v for v in (args.variants or "").split(",") if v]
     out = export_onnx(args.run_dir, args.out, parity_data=args.parity_data, opset=args.opset,
-                      tolerance=args.tolerance)
+                      tolerance=args.tolerance, variants=variants, max_int8_drop=args.max_int8_drop)
     from medcl.card import Card
 
-    print(json.dumps({"package": str(out), "parity": Card.load(out).onnx.parity}, indent=2))
+    onnx_spec = Card.load(out).onnx
+    print(json.dumps({"package": str(out), "parity": onnx_spec.parity, "variants": onnx_spec.variants}, indent=2))
+    refused = [name for name, v in onnx_spec.variants.items() if isinstance(v, dict) and v.get("written") is False]
+    if refused:
+        reasons = "; ".join(f"{n} {onnx_spec.variants[n]['refused_because']}" for n in refused)
+        raise UsageError(f"package written without {', '.join(refused)}: {reasons}")
     return 0
 
 
@@ -145,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--parity-data", type=Path, help="real held-out images (folder or .npz) for the parity check")
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--tolerance", type=float, default=1e-4)
+    x.add_argument("--variants", default="", metavar="fp16,int8",
+                   help="also write reduced-precision variants, gated against fp32 on held-out images")
+    x.add_argument("--max-int8-drop", type=float, default=0.01,
+                   help="largest accuracy or macro-F1 loss (fraction) an int8 model may have (default 0.01)")
     x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="serve a model package over HTTP (BentoML)")
