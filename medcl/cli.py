@@ -109,6 +109,10 @@ def _bentoml_serve(package: Path, port: int, host: str) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.package import default_package_dir
 
+    if args.model:
+        from medcl.model_store import resolve
+
+        return _bentoml_serve(resolve(args.model), args.port, args.host)
     return _bentoml_serve(Path(args.package) if args.package else default_package_dir(), args.port, args.host)
 
 
@@ -119,6 +123,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.action == "serve":
         return _bentoml_serve(package, args.port, args.host)
     print(json.dumps({"package": str(package)}))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from medcl import model_store
+
+    if args.action == "list":
+        rows = model_store.list_models()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(f"{'tag':58} {'method':14} {'accuracy':>8}  aliases")
+            for r in rows:
+                print(f"{r['tag']:58} {r.get('method', ''):14} {r.get('accuracy', ''):>8}  {','.join(r['aliases'])}")
+        return 0
+    if args.action == "audit":
+        for entry in model_store.audit_log():
+            print(json.dumps(entry))
+        return 0
+    if not args.target:
+        raise UsageError(f"`medcl models {args.action}` needs a {'PACKAGE_DIR' if args.action == 'register' else 'model'}")
+    if args.action == "register":
+        tag = model_store.register(args.target, name=args.name)
+        if args.promote:
+            model_store.promote(tag, args.alias)
+        print(json.dumps({"registered": tag, "promoted": args.alias if args.promote else None}))
+    elif args.action == "show":
+        from medcl.card import Card
+
+        print(Card.load(model_store.resolve(args.target)).model_dump_json(indent=2))
+    elif args.action == "promote":
+        previous = model_store.promote(args.target, args.alias)
+        print(json.dumps({"alias": args.alias, "now": args.target, "before": previous}))
+    elif args.action == "rollback":
+        restored = model_store.rollback(args.target, args.alias)
+        print(json.dumps({"alias": args.alias, "now": restored}))
     return 0
 
 
@@ -159,9 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve a model package over HTTP (BentoML)")
     s.add_argument("--package", type=Path, help="package directory (default: MEDCL_PACKAGE or the demo)")
+    s.add_argument("--model", help="serve from the model store: NAME (its champion), NAME@challenger or NAME:VERSION")
     s.add_argument("--port", type=int, default=default_port)
     s.add_argument("--host", default=os.environ.get("MEDCL_HOST", "127.0.0.1"))
     s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("models", help="the model store: list, show, register, promote, rollback, audit")
+    m.add_argument("action", choices=["list", "show", "register", "promote", "rollback", "audit"])
+    m.add_argument("target", nargs="?", help="PACKAGE_DIR (register), name:version (promote), name or "
+                                             "name@alias (show), name (rollback)")
+    m.add_argument("--alias", default="champion", choices=["champion", "challenger"])
+    m.add_argument("--name", help="register under this model name (default: the card's name)")
+    m.add_argument("--promote", action="store_true", help="with register: also point --alias at it")
+    m.add_argument("--json", action="store_true", help="with list: JSON instead of a table")
+    m.set_defaults(func=cmd_models)
 
     d = sub.add_parser("demo", help="train the demo model if needed, then serve it")
     d.add_argument("action", choices=["prepare", "serve"])

@@ -22,10 +22,17 @@ class PackageError(MedclError, RuntimeError):
 
 
 def default_package_dir() -> Path:
-    """``MEDCL_PACKAGE``, else the demo package under ``MEDCL_HOME`` (default ``.medcl``)."""
+    """What to serve: ``MEDCL_PACKAGE`` (a package folder), else ``MEDCL_MODEL`` from the model store
+    (``name`` = its champion, ``name@challenger``, ``name:version``), else the demo package under
+    ``MEDCL_HOME`` (default ``.medcl``)."""
     explicit = os.environ.get("MEDCL_PACKAGE")
     if explicit:
         return Path(explicit)
+    stored = os.environ.get("MEDCL_MODEL")
+    if stored:
+        from medcl.model_store import resolve
+
+        return resolve(stored)
     return Path(os.environ.get("MEDCL_HOME", ".medcl")) / "packages" / "demo-bloodmnist"
 
 
