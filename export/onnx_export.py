@@ -66,10 +66,12 @@ def labelled_splits(card: Card, data: str | Path | None, n_held_out: int = 2000,
 
 def export_onnx(run_dir: str | Path, out_dir: str | Path, parity_data: str | Path | None = None,
                 opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE, n_parity: int = 64,
-                variants: list[str] | None = None, max_int8_drop: float = 0.01) -> Path:
+                variants: list[str] | None = None, max_int8_drop: float = 0.01,
+                tensorrt: str = "off") -> Path:
     """Write the package to ``out_dir`` (replacing an older one atomically); returns ``out_dir``.
 
-    ``variants`` ("fp16", "int8") are built beside model.onnx and gated (export/variants.py).
+    ``variants`` ("fp16", "int8") are built beside model.onnx and gated (export/variants.py);
+    ``tensorrt`` "auto" builds a cached engine where TensorRT runs, "require" fails where it cannot.
     """
     import onnx
     import onnxruntime as ort
@@ -125,6 +127,10 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, parity_data: str | Pat
             held_out, held_labels, calibration = labelled_splits(card, parity_data)
             card.onnx.variants = build_variants(staging, card, held_out, held_labels, calibration, variants,
                                                 max_drop=max_int8_drop)
+        if tensorrt != "off":
+            from export.tensorrt import build_engine
+
+            card.onnx.variants["tensorrt"] = build_engine(staging, card, pixels, mode=tensorrt)
         card.save(staging)
         _swap_into_place(staging, out_dir)
     except BaseException:

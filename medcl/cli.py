@@ -83,11 +83,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     variants = [v for v in (args.variants or "").split(",") if v]
     out = export_onnx(args.run_dir, args.out, parity_data=args.parity_data, opset=args.opset,
-                      tolerance=args.tolerance, variants=variants, max_int8_drop=args.max_int8_drop)
+                      tolerance=args.tolerance, variants=variants, max_int8_drop=args.max_int8_drop,
+                      tensorrt=args.tensorrt)
     from medcl.card import Card
 
     onnx_spec = Card.load(out).onnx
     print(json.dumps({"package": str(out), "parity": onnx_spec.parity, "variants": onnx_spec.variants}, indent=2))
+    trt = onnx_spec.variants.get("tensorrt")
+    if trt and not trt.get("built"):
+        print(f"medcl: no TensorRT engine built: {trt['reason']}", file=sys.stderr)
     refused = [name for name, v in onnx_spec.variants.items() if isinstance(v, dict) and v.get("written") is False]
     if refused:
         reasons = "; ".join(f"{n} {onnx_spec.variants[n]['refused_because']}" for n in refused)
@@ -193,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--tolerance", type=float, default=1e-4)
     x.add_argument("--variants", default="", metavar="fp16,int8",
                    help="also write reduced-precision variants, gated against fp32 on held-out images")
+    x.add_argument("--tensorrt", choices=["off", "auto", "require"], default="off",
+                   help="build a cached TensorRT engine: auto = where TensorRT runs, require = fail if it cannot")
     x.add_argument("--max-int8-drop", type=float, default=0.01,
                    help="largest accuracy or macro-F1 loss (fraction) an int8 model may have (default 0.01)")
     x.set_defaults(func=cmd_export)

@@ -10,11 +10,9 @@ import numpy as np
 
 from medcl.card import Card
 from medcl.errors import MedclError
+from medcl.runtime import PROVIDER_LABEL, providers_for
 
 log = logging.getLogger("medcl.service")
-
-PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-PROVIDER_LABEL = {"TensorrtExecutionProvider": "TensorRT", "CUDAExecutionProvider": "CUDA", "CPUExecutionProvider": "CPU"}
 
 
 class PackageError(MedclError, RuntimeError):
@@ -51,8 +49,8 @@ def create_session(model_path: Path, threads: int | None = None):
     """Session on the best available provider (TensorRT -> CUDA -> CPU); returns (session, label)."""
     import onnxruntime as ort
 
-    available = set(ort.get_available_providers())
-    wanted = [p for p in PROVIDER_PREFERENCE if p in available]
+    available = ort.get_available_providers()
+    wanted = providers_for(model_path.parent, available)
     session = ort.InferenceSession(str(model_path), sess_options=session_options(threads), providers=wanted)
     # onnxruntime-gpu without CUDA libraries falls back silently: report what really runs.
     active = session.get_providers()[0]

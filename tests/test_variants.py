@@ -58,3 +58,16 @@ def test_unknown_variant_is_a_clear_error(tiny_run: Path, tmp_path: Path) -> Non
     out = subprocess.run([sys.executable, "-m", "medcl.cli", "export", str(tiny_run), "--out", str(tmp_path / "p"),
                           "--variants", "int4"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "unknown variant" in out.stderr
+
+
+def test_tensorrt_auto_reports_and_require_fails_without_it(tiny_run: Path, tmp_path: Path) -> None:
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("TensorRT is available here: the no-TensorRT path cannot be shown (GPU runs record it in docs/)")
+    auto = subprocess.run([sys.executable, "-m", "medcl.cli", "export", str(tiny_run), "--out", str(tmp_path / "a"),
+                           "--tensorrt", "auto"], capture_output=True, text=True, timeout=300)
+    assert auto.returncode == 0 and "no TensorRT engine built" in auto.stderr
+    assert json.loads(auto.stdout)["variants"]["tensorrt"]["built"] is False
+    required = subprocess.run([sys.executable, "-m", "medcl.cli", "export", str(tiny_run), "--out",
+                               str(tmp_path / "r"), "--tensorrt", "require"], capture_output=True, text=True, timeout=300)
+    assert required.returncode == 2 and "TensorRT was required" in required.stderr
+    assert not (tmp_path / "r").exists()
