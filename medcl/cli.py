@@ -82,6 +82,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     from export.onnx_export import export_onnx
 
     variants = [v for v in (args.variants or "").split(",") if v]
+    if args.format == "mar":
+        import tempfile
+
+        from export.torchserve import build_mar
+
+        with tempfile.TemporaryDirectory() as tmp:
+            package = export_onnx(args.run_dir, Path(tmp) / "package", parity_data=args.parity_data,
+                                  opset=args.opset, tolerance=args.tolerance)
+            mar = build_mar(package, args.out)
+        print(json.dumps({"mar": str(mar)}))
+        return 0
     out = export_onnx(args.run_dir, args.out, parity_data=args.parity_data, opset=args.opset,
                       tolerance=args.tolerance, variants=variants, max_int8_drop=args.max_int8_drop,
                       tensorrt=args.tensorrt)
@@ -191,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="export a trained run to an ONNX package (parity-checked)")
     x.add_argument("run_dir", type=Path)
-    x.add_argument("--out", type=Path, required=True)
+    x.add_argument("--out", type=Path, required=True,
+                   help="package folder (onnx), or the folder that receives NAME.mar (mar)")
+    x.add_argument("--format", choices=["onnx", "mar"], default="onnx",
+                   help="onnx: a package for the medcl service; mar: a TorchServe archive of the same model")
     x.add_argument("--parity-data", type=Path, help="real held-out images (folder or .npz) for the parity check")
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--tolerance", type=float, default=1e-4)
