@@ -113,7 +113,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _bentoml_serve(package: Path, port: int, host: str) -> int:
     if not (package / "card.json").is_file():
         raise UsageError(f"no model package at {package}; run `medcl demo prepare` or `medcl export`")
-    env = dict(os.environ, MEDCL_PACKAGE=str(package.resolve()))
+    from medcl.index import index_uri
+
+    # Absolute paths: the service process does not run in the caller's folder.
+    env = dict(os.environ, MEDCL_PACKAGE=str(package.resolve()),
+               MEDCL_HOME=str(Path(os.environ.get("MEDCL_HOME", ".medcl")).resolve()))
+    uri = index_uri()
+    if uri.startswith(("embedded://", "milvus://")):
+        scheme, path = uri.split("://", 1)
+        env["MEDCL_INDEX"] = f"{scheme}://{Path(path).resolve()}"
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:Medcl", "--port", str(port), "--host", host,
            "--working-dir", str(REPO_ROOT)]
     print(f"medcl: serving {package} on http://{host}:{port}", file=sys.stderr, flush=True)
@@ -135,6 +143,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from medcl.demo import prepare_demo
 
     package = prepare_demo(force=args.force)
+    from medcl.demo import fill_demo_index
+
+    fill_demo_index(package)
     if args.action == "serve":
         return _bentoml_serve(package, args.port, args.host)
     print(json.dumps({"package": str(package)}))
@@ -174,6 +185,85 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.action == "rollback":
         restored = model_store.rollback(args.target, args.alias)
         print(json.dumps({"alias": args.alias, "now": restored}))
+    return 0
+
+
+def _package_dir(ref: str | None) -> Path:
+    """A package folder, or a model-store reference (NAME, NAME@challenger, NAME:VERSION); default: the served one."""
+    if ref is None:
+        from service.package import default_package_dir
+
+        return default_package_dir()
+    if (Path(ref) / "card.json").is_file():
+        return Path(ref)
+    from medcl.model_store import resolve
+
+    return resolve(ref)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from medcl.index.build import Embedder, build_index, reembed
+
+    if args.action == "build":
+        if not args.data:
+            raise UsageError("`medcl index build` needs --data DIR, MANIFEST.csv or FILE.npz[:split]")
+        embedder = Embedder(_package_dir(args.model))
+        print(json.dumps(build_index(embedder, args.data, kind=args.kind, batch_size=args.batch_size,
+                                     progress=not args.quiet)))
+        return 0
+    if args.action == "search":
+        from medcl.index.schema import SearchFilter
+        from medcl.preprocess import ImageDecodeError, decode_image
+
+        if not args.files:
+            raise UsageError("`medcl index search` needs one or more image files")
+        embedder = Embedder(_package_dir(args.model))
+        index = embedder.open_index(kind=args.kind)
+        try:
+            where = SearchFilter(label=args.label, case_id=args.case_id, slide_id=args.slide_id, site=args.site,
+                                 date_from=args.date_from, date_to=args.date_to)
+            images = []
+            for f in args.files:
+                try:
+                    images.append(decode_image(f))
+                except ImageDecodeError as e:
+                    raise UsageError(f"{f}: {e}") from None
+            results = index.search(embedder.embed(images), k=args.k, where=where)
+        finally:
+            index.close()
+        for file, result in zip(args.files, results):
+            print(json.dumps({"file": str(file), **result.model_dump(mode="json")}))
+        return 0
+    if args.action == "reembed":
+        from medcl.index import current_version, open_index, stored_dim
+
+        if not args.to:
+            raise UsageError("`medcl index reembed` needs --to PACKAGE_DIR or NAME:VERSION (the new model)")
+        embedder = Embedder(_package_dir(args.to))
+        name = embedder.card.name
+        old_version = args.from_version or current_version(name)
+        if old_version is None:
+            raise UsageError(f"no current index for model {name}; pass --from VERSION")
+        old = open_index(name, old_version, stored_dim(name, old_version))
+        try:
+            print(json.dumps(reembed(old, embedder, batch_size=args.batch_size, progress=not args.quiet)))
+        finally:
+            old.close()
+        return 0
+    # stats
+    from medcl.index import current_version, open_index, stored_dim
+
+    package = _package_dir(args.model)
+    from medcl.card import Card
+
+    card = Card.load(package)
+    version = current_version(card.name) or card.version
+    index = open_index(card.name, version, stored_dim(card.name, version))
+    try:
+        print(json.dumps({"model": card.name, "current_version": current_version(card.name), "version": version,
+                          "cases": index.count(), "kind": getattr(index, "active_kind", "milvus")}))
+    finally:
+        index.close()
     return 0
 
 
@@ -234,6 +324,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="with list: JSON instead of a table")
     m.set_defaults(func=cmd_models)
 
+    i = sub.add_parser("index", help="the similar-case index: build, search, reembed, stats "
+                                     "(backend from MEDCL_INDEX, default embedded FAISS+SQLite)")
+    i.add_argument("action", choices=["build", "search", "reembed", "stats"])
+    i.add_argument("files", nargs="*", type=Path, help="search: query images")
+    i.add_argument("--model", help="package dir or model-store ref (default: what `medcl serve` would serve)")
+    i.add_argument("--data", help="build: a class-per-folder DIR, a MANIFEST.csv or FILE.npz[:split]")
+    i.add_argument("--to", help="reembed: the new model (package dir or NAME:VERSION)")
+    i.add_argument("--from", dest="from_version", help="reembed: the version to read (default: the current one)")
+    i.add_argument("-k", type=int, default=10)
+    for field in ("label", "case-id", "slide-id", "site", "date-from", "date-to"):
+        i.add_argument(f"--{field}", help=f"search: filter on {field.replace('-', ' ')}")
+    i.add_argument("--kind", choices=["auto", "flat", "hnsw", "ivf"], help="embedded backend's FAISS index kind")
+    i.add_argument("--batch-size", type=int, default=256)
+    i.add_argument("--quiet", action="store_true", help="no progress bar")
+    i.set_defaults(func=cmd_index)
+
     d = sub.add_parser("demo", help="train the demo model if needed, then serve it")
     d.add_argument("action", choices=["prepare", "serve"])
     d.add_argument("--force", action="store_true", help="retrain even if the demo package exists")
@@ -260,7 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_user_error(e: Exception) -> bool:
-    return isinstance(e, (MedclError, FileNotFoundError, NotADirectoryError, PermissionError))
+    from pydantic import ValidationError
+
+    return isinstance(e, (MedclError, FileNotFoundError, NotADirectoryError, PermissionError, ValidationError))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,27 @@ def prepare_demo(force: bool = False) -> Path:
     return export_onnx(run_dir, package)
 
 
+def fill_demo_index(package: Path) -> dict:
+    """Index the demo's training split (labels as metadata) so /search answers on a fresh machine.
+
+    Skipped when the index of this model version already holds them (later runs start fast)."""
+    import numpy as np
+
+    from medcl.index.build import Embedder, build_index
+
+    with np.load(DEMO_DATA) as z:
+        wanted = len(z["train_images"])
+    embedder = Embedder(package)
+    index = embedder.open_index()
+    try:
+        if index.count() >= wanted:
+            return {"cases": index.count(), "added": 0}
+    finally:
+        index.close()
+    print(f"medcl: indexing the demo's {wanted} training tiles for /search", file=sys.stderr, flush=True)
+    return build_index(embedder, f"{DEMO_DATA}:train")
+
+
 def _checkpoint_matches(config) -> bool:
     """Resume an interrupted demo run only if it was made by this demo config; else start afresh
     (a demo from an older version of the project must not block the new one)."""

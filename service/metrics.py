@@ -11,3 +11,6 @@ BATCH_SIZE = Histogram("medcl_model_batch_size", "Images per model call after ad
 INFERENCE_SECONDS = Histogram("medcl_inference_seconds", "Model call latency", ["model", "output"],
                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 MODEL_INFO = Gauge("medcl_model_info", "Loaded model version (value 1)", ["model", "version", "provider"])
+SEARCH_SECONDS = Histogram("medcl_search_seconds", "Vector search latency (index only, not embedding)",
+                           ["model", "version"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1))
+INDEX_CASES = Gauge("medcl_index_cases", "Cases in the case index", ["model", "version"])

@@ -20,12 +20,18 @@ import aiohttp
 import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
+from datetime import datetime
+
 from pydantic import BaseModel, Field
 
 from medcl.card import Card
+from medcl.index import open_index
+from medcl.index.schema import CaseIndexError, CaseMetadata, SearchFilter, SearchResult, VersionMismatch
+from medcl.index.sources import store_source
 from medcl.preprocess import (DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, decode_image, normalise,
                               to_model_pixels)
 from service import metrics
+from service.cases import cases_app
 from service.package import ModelPackage, default_package_dir
 
 log = logging.getLogger("medcl.service")
@@ -49,6 +55,15 @@ def uploaded_name(path: Path) -> str:
 
 class PayloadTooLarge(BentoMLException):
     error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class Conflict(BentoMLException):
+    error_code = HTTPStatus.CONFLICT
+
+
+class CasesAdded(BaseModel):
+    ids: list[str] = Field(description="Ids of the added cases, in the order sent; returned once durable")
+    model_version: str
 
 
 class ClassScore(BaseModel):
@@ -95,6 +110,7 @@ class EncoderModel:
         return self._run(batch, "embedding")
 
 
+@bentoml.asgi_app(cases_app, path="/")
 @bentoml.service(name="medcl", workers=1, threads=16, traffic={"timeout": 60, "max_concurrency": 256})
 class Medcl:
     """HTTP API. Images arrive as multipart field ``images`` (one or several files)."""
@@ -102,7 +118,18 @@ class Medcl:
     model = bentoml.depends(EncoderModel)
 
     def __init__(self) -> None:
-        self.card = Card.load(default_package_dir())
+        package = default_package_dir()
+        self.card = Card.load(package)
+        # The case index of exactly this model version: embeddings of versions are never mixed.
+        self.index = open_index(self.card.name, self.card.version, self.card.architecture.embedding_dim)
+        self.update_index_gauge()
+
+    def update_index_gauge(self) -> None:
+        metrics.INDEX_CASES.labels(self.card.name, self.card.version).set(self.index.count())
+
+    @bentoml.on_shutdown
+    def _close_index(self) -> None:
+        self.index.close()  # saves the HNSW graph, if any, so the next start need not rebuild it
 
     def _call_model(self, output: str, batch: np.ndarray, endpoint: str) -> np.ndarray:
         """Call the model service, retrying connection-level failures: inference is idempotent.
@@ -169,3 +196,70 @@ class Medcl:
         vectors = self._call_model("embedding", self._prepare(images, "embed"), "embed")
         return [Embedding(embedding=v.astype(float).tolist(), dim=int(v.shape[0]), model_version=self.card.version)
                 for v in vectors]
+
+    def _query_vectors(self, images: list[Path], vectors: list[list[float]], endpoint: str) -> np.ndarray | list:
+        if images and vectors:
+            metrics.ERRORS.labels(endpoint, "images_and_vectors").inc()
+            raise InvalidArgument("send images or vectors, not both")
+        if vectors:
+            return vectors
+        if not images:
+            metrics.ERRORS.labels(endpoint, "no_images").inc()
+            raise InvalidArgument("send images (multipart field 'images') or vectors (JSON field 'vectors')")
+        return self._call_model("embedding", self._prepare(images, endpoint), endpoint)
+
+    @staticmethod
+    def _index_error(endpoint: str, error: CaseIndexError) -> BentoMLException:
+        metrics.ERRORS.labels(endpoint, type(error).__name__).inc()
+        if isinstance(error, VersionMismatch) or type(error).__name__ == "DuplicateId":
+            return Conflict(str(error))
+        return InvalidArgument(str(error))
+
+    @bentoml.api(route="/search")
+    def search(self, images: list[Path] = Field(default_factory=list),
+               vectors: list[list[float]] = Field(default_factory=list, description="Query embeddings (this model's)"),
+               k: Annotated[int, Field(ge=1, le=1000)] = 10,
+               label: str | None = None, case_id: str | None = None, slide_id: str | None = None,
+               site: str | None = None, date_from: datetime | None = None, date_to: datetime | None = None,
+               model_version: str | None = Field(None, description="The version that made `vectors`; checked")
+               ) -> list[SearchResult]:
+        """The k most similar indexed cases for each query image or vector, with the majority-vote label."""
+        queries = self._query_vectors(images, vectors, "search")
+        where = SearchFilter(label=label, case_id=case_id, slide_id=slide_id, site=site, date_from=date_from,
+                             date_to=date_to)
+        start = time.perf_counter()
+        try:
+            results = self.index.search(queries, k=k, where=where, model_version=model_version if vectors else None)
+        except CaseIndexError as e:
+            raise self._index_error("search", e) from None
+        metrics.SEARCH_SECONDS.labels(self.card.name, self.card.version).observe(time.perf_counter() - start)
+        return results
+
+    @bentoml.api(route="/cases")
+    def add_cases(self, images: list[Path] = Field(default_factory=list),
+                  vectors: list[list[float]] = Field(default_factory=list),
+                  metadata: list[CaseMetadata] = Field(default_factory=list,
+                                                       description="One entry per image or vector, in order"),
+                  model_version: str | None = None) -> CasesAdded:
+        """Add cases (images, embedded by this model, or its vectors) with metadata; ids come back once durable.
+
+        A posted image is kept (content-addressed) so a later model version can re-embed it; its
+        source_uri records that copy unless the client gave its own."""
+        queries = self._query_vectors(images, vectors, "cases")
+        n = len(queries)
+        if metadata and len(metadata) != n:
+            metrics.ERRORS.labels("cases", "metadata_count").inc()
+            raise InvalidArgument(f"{n} images or vectors but {len(metadata)} metadata entries")
+        metadata = metadata or [CaseMetadata() for _ in range(n)]
+        if images:
+            from medcl.index import index_root
+
+            root = index_root()
+            metadata = [m if m.source_uri else m.model_copy(update={"source_uri": store_source(root, p.read_bytes())})
+                        for m, p in zip(metadata, images)]
+        try:
+            ids = self.index.add(queries, metadata, model_version=model_version if vectors else None)
+        except CaseIndexError as e:
+            raise self._index_error("cases", e) from None
+        self.update_index_gauge()
+        return CasesAdded(ids=ids, model_version=self.card.version)

@@ -60,7 +60,8 @@ def service_url(tiny_package: Path, tmp_path_factory: pytest.TempPathFactory):
 
     port = free_port()
     log = tmp_path_factory.mktemp("service") / "serve.log"
-    env = dict(os.environ, MEDCL_PORT=str(port), BENTOML_HOME=str(tmp_path_factory.mktemp("bentoml")))
+    env = dict(os.environ, MEDCL_PORT=str(port), BENTOML_HOME=str(tmp_path_factory.mktemp("bentoml")),
+               MEDCL_INDEX=f"embedded://{tmp_path_factory.mktemp('index')}")
     with log.open("w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "medcl.cli", "serve", "--package", str(tiny_package),
                                  "--port", str(port)], stdout=f, stderr=subprocess.STDOUT, env=env,

@@ -20,7 +20,8 @@ from pathlib import Path
 from medcl.index.base import CaseIndex
 from medcl.index.schema import CaseIndexError
 
-__all__ = ["CaseIndex", "CaseIndexError", "open_index", "index_root", "current_version", "set_current_version"]
+__all__ = ["CaseIndex", "CaseIndexError", "open_index", "index_root", "current_version", "set_current_version",
+           "stored_dim"]
 
 
 def index_uri() -> str:
@@ -63,6 +64,29 @@ def open_index(model_name: str, model_version: str, dim: int, uri: str | None = 
         return MilvusIndex(uri, model_name, model_version, dim, token=os.environ.get("MEDCL_MILVUS_TOKEN"))
     raise CaseIndexError(f"MEDCL_INDEX={uri!r} is not an index URI (embedded, embedded:///DIR, milvus:///FILE.db, "
                          "http://HOST:19530)")
+
+
+def stored_dim(model_name: str, model_version: str, uri: str | None = None) -> int:
+    """The embedding dimension of an index that exists already (to reopen it without its package)."""
+    uri = uri or index_uri()
+    if uri == "embedded" or uri.startswith("embedded://"):
+        import sqlite3
+
+        db = index_root(uri) / _safe(model_name) / _safe(model_version) / "cases.sqlite"
+        if not db.is_file():
+            raise CaseIndexError(f"no index of {model_name} version {model_version} at {db.parent}")
+        with sqlite3.connect(db) as conn:
+            return int(conn.execute("SELECT value FROM meta WHERE key = 'dim'").fetchone()[0])
+    from pymilvus import MilvusClient
+
+    from medcl.index.milvus import collection_name
+
+    client = MilvusClient(uri=uri[len("milvus://"):] if uri.startswith("milvus://") else uri)
+    name = collection_name(model_name, model_version)
+    if not client.has_collection(name):
+        raise CaseIndexError(f"no Milvus collection {name} at {uri}")
+    fields = client.describe_collection(name)["fields"]
+    return int(next(f["params"]["dim"] for f in fields if f["name"] == "vector"))
 
 
 def _pointer(model_name: str, uri: str | None) -> Path:
