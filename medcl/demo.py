@@ -64,7 +64,7 @@ def fill_demo_index(package: Path) -> dict:
             return {"cases": index.count(), "added": 0}
     finally:
         index.close()
-    print(f"medcl: indexing the demo's {wanted} training tiles for /search", file=sys.stderr, flush=True)
+    print(f"medcl: indexing the demo's {wanted} train-split tiles for /search", file=sys.stderr, flush=True)
     return build_index(embedder, f"{DEMO_DATA}:train")
 
 

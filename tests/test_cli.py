@@ -66,5 +66,6 @@ def test_demo_serves_an_existing_package_without_retraining(tiny_package: Path, 
     shutil.copytree(tiny_package, home / "packages" / "demo-bloodmnist")
     out = medcl("demo", "prepare", env=dict(os.environ, MEDCL_HOME=str(home)))
     assert out.returncode == 0, out.stderr
-    assert "demo package ready" in out.stderr and "training" not in out.stderr
+    assert "demo package ready" in out.stderr and "training the demo model" not in out.stderr
+    assert (home / "index" / "tiny").is_dir()  # the demo index was filled for /search
     assert json.loads(out.stdout)["package"] == str(home / "packages" / "demo-bloodmnist")

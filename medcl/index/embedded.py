@@ -149,6 +149,7 @@ class EmbeddedIndex(CaseIndex):
                     alive[i] = True
             newer = [(r, b) for r, b in stored if r > (int(rows[-1]) if len(rows) else 0)]
             self._set_arrays(vecs, rows.astype(np.int64), alive)
+            self._set_search_depth(index)
             self._faiss, self._active_kind = index, kind
             if newer:
                 self._append(np.array([r for r, _ in newer], np.int64),
@@ -196,9 +197,15 @@ class EmbeddedIndex(CaseIndex):
             index = faiss.IndexFlatIP(self.dim)
         if self._n:
             index.add(self._vecs[:self._n])
+        self._set_search_depth(index)
         self._faiss, self._active_kind = index, kind
         if kind != "flat":
             self.save()
+
+    def _set_search_depth(self, index) -> None:
+        """Searches without a selector use the index's own setting (FAISS's default efSearch is 16)."""
+        if hasattr(index, "hnsw"):
+            index.hnsw.efSearch = self.ef_search
 
     def _append(self, rows: np.ndarray, vecs: np.ndarray) -> None:
         need = self._n + len(rows)
