@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.report import write_results
 from medcl.index.embedded import EmbeddedIndex
 from medcl.index.schema import CaseMetadata
 from training.data import read_npz
@@ -90,8 +91,6 @@ def main() -> None:
     result = {"data": str(data_path), "index": f"train split, {len(bank_labels)} tiles, labels as metadata",
               "queries": f"test split, {len(query_labels)} tiles", "backend": "embedded (FAISS flat, exact)",
               "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [f"# Similar-case retrieval on {data_path.stem}", "",
              f"Index: {result['index']}. Queries: {result['queries']}. Backend: {result['backend']}.",
              "A hit is relevant when its label equals the query's. Majority-vote accuracy@5 is the share of",
@@ -100,9 +99,8 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['encoder']} | {r['labels_used_in_training']:.0%} | {r['precision@1']:.3f} | "
                      f"{r['precision@5']:.3f} | {r['precision@10']:.3f} | {r['majority_vote_accuracy@5']:.3f} |")
-    lines += ["", "Produced by:", "", "```", "python -m bench.search_quality " + " ".join(str(r) for r in args.runs)
-              + (f" --untrained {args.untrained}" if args.untrained else "") + f" --out {args.out}", "```", ""]
-    args.out.with_suffix(".md").write_text("\n".join(lines))
+    write_results(args.out, result, lines, "python -m bench.search_quality " + " ".join(str(r) for r in args.runs)
+                  + (f" --untrained {args.untrained}" if args.untrained else "") + f" --out {args.out}")
 
 
 if __name__ == "__main__":

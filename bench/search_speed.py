@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import write_results
 from medcl.index.embedded import EmbeddedIndex
+from medcl.index.milvus import MilvusIndex
 
 
 def rss_mb() -> float:
@@ -57,6 +59,23 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
 
 
+def time_case_index(record, make_index, describe, vectors: np.ndarray, queries: np.ndarray, single: int) -> None:
+    """Build a CaseIndex in batches of 20,000, then time its queries; ``record`` writes the row."""
+    before, start = rss_mb(), time.perf_counter()
+    index = make_index()
+    ids = []
+    for i in range(0, len(vectors), 20_000):
+        ids += index.add(vectors[i:i + 20_000])
+    build = time.perf_counter() - start
+    position = {case: j for j, case in enumerate(ids)}
+
+    def search(q):
+        return np.array([[position[h.id] for h in r.hits] for r in index.search(q, k=10)])
+
+    record(describe(index), build, rss_mb() - before, *time_queries(search, queries, single=single))
+    index.close()
+
+
 def run_size(vectors: np.ndarray, queries: np.ndarray, milvus: bool) -> list[dict]:
     import faiss
 
@@ -78,7 +97,7 @@ def run_size(vectors: np.ndarray, queries: np.ndarray, milvus: bool) -> list[dic
     flat.add(vectors)
     build = time.perf_counter() - start
     record("faiss flat (exact)", build, rss_mb() - before, *time_queries(lambda q: flat.search(q, 10)[1], queries))
-    del flat
+    flat = None  # free it before the next build is measured
     # plain FAISS, HNSW with the parameters the embedded index uses
     before, start = rss_mb(), time.perf_counter()
     hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
@@ -88,41 +107,15 @@ def run_size(vectors: np.ndarray, queries: np.ndarray, milvus: bool) -> list[dic
     build = time.perf_counter() - start
     record("faiss HNSW (M 32, ef 128)", build, rss_mb() - before,
            *time_queries(lambda q: hnsw.search(q, 10)[1], queries))
-    del hnsw
-    # the project's embedded index: SQLite record + FAISS, kind chosen automatically
+    hnsw = None
+    # the project's backends, through the CaseIndex interface (ids, metadata, durability included)
     with tempfile.TemporaryDirectory() as tmp:
-        before, start = rss_mb(), time.perf_counter()
-        index = EmbeddedIndex(tmp, "bench", "v1", dim, kind="auto")
-        ids = []
-        for i in range(0, n, 20_000):
-            ids += index.add(vectors[i:i + 20_000])
-        build = time.perf_counter() - start
-        position = {case: j for j, case in enumerate(ids)}
-        kind = index.active_kind
-
-        def search(q):
-            return np.array([[position[h.id] for h in r.hits] for r in index.search(q, k=10)])
-
-        record(f"medcl embedded ({kind}, SQLite + FAISS)", build, rss_mb() - before, *time_queries(search, queries))
-        index.close()
+        time_case_index(record, lambda: EmbeddedIndex(tmp, "bench", "v1", dim, kind="auto"),
+                        lambda index: f"medcl embedded ({index.active_kind}, SQLite + FAISS)", vectors, queries, 200)
     if milvus:
-        from medcl.index.milvus import MilvusIndex
-
         with tempfile.TemporaryDirectory() as tmp:
-            before, start = rss_mb(), time.perf_counter()
-            index = MilvusIndex(str(Path(tmp) / "m.db"), "bench", "v1", dim)
-            ids = []
-            for i in range(0, n, 20_000):
-                ids += index.add(vectors[i:i + 20_000])
-            build = time.perf_counter() - start
-            position = {case: j for j, case in enumerate(ids)}
-
-            def msearch(q):
-                return np.array([[position[h.id] for h in r.hits] for r in index.search(q, k=10)])
-
-            record("medcl milvus (Milvus Lite, AUTOINDEX)", build, rss_mb() - before,
-                   *time_queries(msearch, queries, single=50))
-            index.close()
+            time_case_index(record, lambda: MilvusIndex(str(Path(tmp) / "m.db"), "bench", "v1", dim),
+                            lambda index: "medcl milvus (Milvus Lite, AUTOINDEX)", vectors, queries, 50)
     return rows
 
 
@@ -159,8 +152,6 @@ def main() -> None:
     meta = {"encoder": str(args.run), "dim": int(emb.shape[1]), "queries": len(queries),
             "vectors": "per-class Gaussian mixture fitted to the encoder's embeddings of all BloodMNIST tiles",
             "cpu_cores": os.cpu_count(), "faiss": faiss.__version__, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     lines = [f"# Case-index speed and recall ({meta['dim']}-d embeddings, {os.cpu_count()} CPU cores)", "",
              f"Vectors: {meta['vectors']}. Queries: {len(queries)} real test-split embeddings; single = one query",
              "per call, batched = all in one call. recall@10 against exact search. Memory: growth of this",
@@ -170,9 +161,8 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['n']:,} | {r['system']} | {r['build_s']} | {r['memory_mb']} | {r['single_qps']} | "
                      f"{r['batched_qps']} | {r['recall@10']} |")
-    lines += ["", "Produced by:", "", "```", f"python -m bench.search_speed {args.run} --sizes "
-              + " ".join(map(str, args.sizes)) + f" --milvus-max {args.milvus_max} --out {args.out}", "```", ""]
-    args.out.with_suffix(".md").write_text("\n".join(lines))
+    write_results(args.out, meta, lines, f"python -m bench.search_speed {args.run} --sizes "
+                  + " ".join(map(str, args.sizes)) + f" --milvus-max {args.milvus_max} --out {args.out}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ HTTP 400 with the reason.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 _handler = None
@@ -18,16 +16,14 @@ _handler = None
 
 class MedclHandler:
     def __init__(self, model_dir: str) -> None:
-        import onnxruntime as ort
+        from service.package import ModelPackage
 
-        from medcl.card import Card
-
-        self.card = Card.load(Path(model_dir))
-        available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), providers=providers)
+        # The same session set-up as the service (provider choice TensorRT -> CUDA -> CPU, threads).
+        self.package = ModelPackage(model_dir)
+        self.card = self.package.card
 
     def handle(self, rows: list[dict], context) -> list:
+        from medcl.answers import softmax, top_k
         from medcl.preprocess import ImageDecodeError, decode_image, normalise, to_model_pixels
 
         answers: list = [None] * len(rows)
@@ -43,19 +39,13 @@ class MedclHandler:
                 context.set_response_status(400, str(e), idx=i)
                 answers[i] = {"error": str(e)}
         if pixels:
-            logits = self.session.run(["logits"], {"image": normalise(np.stack(pixels), self.card.preprocess)})[0]
-            for i, row in zip(positions, logits):
-                answers[i] = self._answer(row)
+            probs = softmax(self.package.run(normalise(np.stack(pixels), self.card.preprocess), "logits"))
+            for i, row in zip(positions, probs):
+                best = top_k(row, self.card.class_names, 5)
+                answers[i] = {"label": best[0][0], "score": best[0][1],
+                              "top_k": [{"label": name, "probability": p} for name, p in best],
+                              "model_version": self.card.version}
         return answers
-
-    def _answer(self, logits: np.ndarray) -> dict:
-        z = np.exp(logits - logits.max())
-        probs = z / z.sum()
-        order = np.argsort(-probs)[:5]
-        names = self.card.class_names
-        return {"label": names[order[0]], "score": float(probs[order[0]]),
-                "top_k": [{"label": names[j], "probability": float(probs[j])} for j in order],
-                "model_version": self.card.version}
 
 
 def handle(data: list[dict] | None, context) -> list | None:

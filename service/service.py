@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from datetime import datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
@@ -20,13 +21,14 @@ import aiohttp
 import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
-from datetime import datetime
-
 from pydantic import BaseModel, Field
 
+from medcl.answers import softmax
+from medcl.answers import top_k as most_probable  # `top_k` is the API's parameter name
 from medcl.card import Card
-from medcl.index import open_index
-from medcl.index.schema import CaseIndexError, CaseMetadata, SearchFilter, SearchResult, VersionMismatch
+from medcl.index import index_root, open_index
+from medcl.index.schema import (CaseIndexError, CaseMetadata, DuplicateId, SearchFilter, SearchResult,
+                                VersionMismatch)
 from medcl.index.sources import store_source
 from medcl.preprocess import (DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, decode_image, normalise,
                               to_model_pixels)
@@ -176,17 +178,12 @@ class Medcl:
     @bentoml.api(route="/classify")
     def classify(self, images: list[Path], top_k: Annotated[int, Field(ge=1, le=100)] = 5) -> list[Prediction]:
         """Class, probability and top-k classes for each image, in the order sent."""
-        logits = self._call_model("logits", self._prepare(images, "classify"), "classify")
-        z = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(z)
-        probs /= probs.sum(axis=1, keepdims=True)
-        names = self.card.class_names
-        k = min(top_k, len(names))
+        probs = softmax(self._call_model("logits", self._prepare(images, "classify"), "classify"))
         out = []
         for row in probs:
-            order = np.argsort(-row)[:k]
-            out.append(Prediction(label=names[order[0]], score=float(row[order[0]]),
-                                  top_k=[ClassScore(label=names[j], probability=float(row[j])) for j in order],
+            best = most_probable(row, self.card.class_names, top_k)
+            out.append(Prediction(label=best[0][0], score=best[0][1],
+                                  top_k=[ClassScore(label=name, probability=p) for name, p in best],
                                   model_version=self.card.version))
         return out
 
@@ -211,7 +208,7 @@ class Medcl:
     @staticmethod
     def _index_error(endpoint: str, error: CaseIndexError) -> BentoMLException:
         metrics.ERRORS.labels(endpoint, type(error).__name__).inc()
-        if isinstance(error, VersionMismatch) or type(error).__name__ == "DuplicateId":
+        if isinstance(error, (VersionMismatch, DuplicateId)):
             return Conflict(str(error))
         return InvalidArgument(str(error))
 
@@ -252,8 +249,6 @@ class Medcl:
             raise InvalidArgument(f"{n} images or vectors but {len(metadata)} metadata entries")
         metadata = metadata or [CaseMetadata() for _ in range(n)]
         if images:
-            from medcl.index import index_root
-
             root = index_root()
             metadata = [m if m.source_uri else m.model_copy(update={"source_uri": store_source(root, p.read_bytes())})
                         for m, p in zip(metadata, images)]

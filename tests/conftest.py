@@ -21,7 +21,7 @@ def shared(*parts: str) -> Path:
     """A path in ../shared/data, or a skip that says what is missing (users' machines lack it)."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real data not present: {path} (the shared data folder is only on project machines)")
+        pytest.skip(reason=f"real data not present: {path}; runs where ../shared/data exists (project machines, CI)")
     return path
 
 

@@ -44,7 +44,8 @@ def tiles(tiny_package: Path) -> dict:
 @pytest.fixture(params=["embedded", "milvus"])
 def backend(request, tmp_path: Path) -> str:
     if request.param == "milvus":
-        pytest.importorskip("pymilvus", reason="the Milvus backend needs `pip install medcl[milvus]`")
+        pytest.importorskip("pymilvus",
+                            reason="pymilvus missing; runs once `pip install medcl[milvus]` is done (make test does)")
         return f"milvus://{tmp_path / 'milvus.db'}"
     return f"embedded://{tmp_path / 'index'}"
 

@@ -9,11 +9,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from medcl.card import Card

@@ -22,7 +22,8 @@ from tests.test_service import post_files
 def torchserve_url(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory):
     torchserve = shutil.which("torchserve") or str(Path(sys.executable).with_name("torchserve"))
     if not Path(torchserve).exists() or not shutil.which("java"):
-        pytest.skip("TorchServe not runnable here: needs `pip install torchserve torch-model-archiver` and Java 11+")
+        pytest.skip(reason="TorchServe not runnable: runs where torchserve and torch-model-archiver are installed "
+                           "(make test does) and Java 11+ is on PATH")
     work = tmp_path_factory.mktemp("torchserve")
     out = subprocess.run([sys.executable, "-m", "medcl.cli", "export", str(tiny_run), "--format", "mar",
                           "--out", str(work / "store")], capture_output=True, text=True, timeout=300)

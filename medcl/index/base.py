@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 
 from medcl.index.schema import (CaseIndexError, CaseMetadata, CaseRecord, Hit, SearchFilter, SearchResult,
-                                VersionMismatch, majority_vote)
+                                VersionMismatch, majority_vote, now_utc)
 
 
 class CaseIndex(abc.ABC):
@@ -73,8 +73,6 @@ class CaseIndex(abc.ABC):
     def add(self, vectors: np.ndarray | list, metadata: list[CaseMetadata] | None = None,
             model_version: str | None = None) -> list[str]:
         """Add cases; returns their ids once durable. Client ids that exist already are refused."""
-        from medcl.index.schema import now_utc
-
         self.check_version(model_version)
         v = self._vectors(vectors)
         metadata = metadata if metadata is not None else [CaseMetadata() for _ in range(len(v))]

@@ -148,10 +148,9 @@ def reembed(old: CaseIndex, embedder: Embedder, uri: str | None = None, batch_si
     root = index_root(uri)
     unreadable: list[str] = []
     try:
-        have = set(new.get_many([r.id for batch in old.iter_records() for r in batch]))
-        total = old.count()
-        with tqdm(total=total, desc="re-embedding", unit="img", disable=not progress, file=sys.stderr) as bar:
+        with tqdm(total=old.count(), desc="re-embedding", unit="img", disable=not progress, file=sys.stderr) as bar:
             for records in old.iter_records(batch_size):
+                have = new.get_many([r.id for r in records])  # done before an interruption: skipped
                 todo, images = [], []
                 for r in records:
                     if r.id in have:

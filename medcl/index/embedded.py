@@ -319,7 +319,7 @@ class EmbeddedIndex(CaseIndex):
                 params = None
                 if len(dead):
                     params = self._params(faiss.IDSelectorNot(faiss.IDSelectorBatch(dead.astype(np.int64))))
-                sims, pos = self._faiss.search(queries, k, params=params) if params else self._faiss.search(queries, k)
+                sims, pos = self._faiss.search(queries, k, params=params)
             else:
                 allowed = self._allowed_positions(where)
                 if len(allowed) <= self.exact_filter_limit or self._active_kind == "flat":

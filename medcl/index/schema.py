@@ -30,6 +30,13 @@ class DuplicateId(CaseIndexError):
     """A case id that the index already holds."""
 
 
+def as_utc(value: datetime | None) -> datetime | None:
+    """Naive dates are taken as UTC, so that every backend compares the same instants."""
+    if value is None:
+        return None
+    return (value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+
+
 class CaseMetadata(BaseModel):
     """Metadata of one tile. Everything is optional; filters match on label, case, slide, site and date."""
 
@@ -50,13 +57,7 @@ class CaseMetadata(BaseModel):
             raise ValueError("id must be 1-128 characters of letters, digits and _.:- starting with a letter or digit")
         return value
 
-    @field_validator("date")
-    @classmethod
-    def _utc(cls, value: datetime | None) -> datetime | None:
-        # Naive dates are taken as UTC so that every backend compares the same instants.
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc) if value is not None else None
+    _date_in_utc = field_validator("date")(classmethod(lambda cls, v: as_utc(v)))
 
 
 class CaseRecord(CaseMetadata):
@@ -75,8 +76,7 @@ class SearchFilter(BaseModel):
     date_from: datetime | None = None
     date_to: datetime | None = None
 
-    _utc_from = field_validator("date_from")(CaseMetadata._utc.__func__)
-    _utc_to = field_validator("date_to")(CaseMetadata._utc.__func__)
+    _dates_in_utc = field_validator("date_from", "date_to")(classmethod(lambda cls, v: as_utc(v)))
 
     def is_empty(self) -> bool:
         return all(v is None for v in self.model_dump().values())
