@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -110,6 +111,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ensure_api_keys(env: dict[str, str]) -> None:
+    """Keys are required by default. With none configured, this machine gets a key file in MEDCL_HOME
+    with one admin key, printed once (only its SHA-256 is stored): the demo works out of the box and
+    is still not open to the network."""
+    from medcl.auth import KeyStore, add_key_to_file, auth_disabled, default_key_file
+
+    if auth_disabled():
+        print("medcl: MEDCL_AUTH=off: every endpoint is open to anyone who can reach the port", file=sys.stderr)
+        return
+    if KeyStore.from_environment().configured:  # also validates the file: a bad one stops here, in one line
+        return
+    path = default_key_file().resolve()
+    if not (path.exists() and KeyStore(file=path).configured):
+        key = add_key_to_file(path, f"local-admin-{int(time.time())}", ["admin"])
+        print(f"medcl: API key for this machine (admin; shown once, stored hashed in {path}):\n    {key}\n"
+              f"medcl: send it as 'Authorization: Bearer KEY'; more keys: `medcl keys new --name NAME --scopes read`",
+              file=sys.stderr, flush=True)
+    env["MEDCL_API_KEYS_FILE"] = str(path)
+
+
 def _bentoml_serve(package: Path, port: int, host: str) -> int:
     if not (package / "card.json").is_file():
         raise UsageError(f"no model package at {package}; run `medcl demo prepare` or `medcl export`")
@@ -122,6 +143,9 @@ def _bentoml_serve(package: Path, port: int, host: str) -> int:
     if uri.startswith(("embedded://", "milvus://")):
         scheme, path = uri.split("://", 1)
         env["MEDCL_INDEX"] = f"{scheme}://{Path(path).resolve()}"
+    if env.get("MEDCL_API_KEYS_FILE"):
+        env["MEDCL_API_KEYS_FILE"] = str(Path(env["MEDCL_API_KEYS_FILE"]).resolve())
+    _ensure_api_keys(env)
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:Medcl", "--port", str(port), "--host", host,
            "--working-dir", str(REPO_ROOT)]
     print(f"medcl: serving {package} on http://{host}:{port}", file=sys.stderr, flush=True)
@@ -267,6 +291,54 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from medcl.auth import add_key_to_file, default_key_file, read_key_file, revoke_key_in_file
+
+    path = Path(args.file or os.environ.get("MEDCL_API_KEYS_FILE") or default_key_file())
+    if args.action == "new":
+        if not args.name:
+            raise UsageError("keys new needs --name (who or what will use the key)")
+        scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+        print(add_key_to_file(path, args.name, scopes))  # the key itself, alone on stdout: $(medcl keys new ...)
+        print(f"medcl: key {args.name!r} ({', '.join(scopes)}) added to {path}; a running service picks it up "
+              "within a second", file=sys.stderr)
+    elif args.action == "revoke":
+        if not args.name:
+            raise UsageError("keys revoke needs --name")
+        revoke_key_in_file(path, args.name)
+        print(f"medcl: key {args.name!r} revoked in {path}", file=sys.stderr)
+    else:
+        entries = read_key_file(path) if path.exists() else []
+        for e in entries:
+            print(json.dumps({"name": e.name, "scopes": e.scopes}))
+    return 0
+
+
+def _client_call(args: argparse.Namespace, call: str) -> int:
+    """predict / embed: files in batches, one JSON line per file, in the order given."""
+    from medcl.client import MedclClient
+
+    files = [Path(f) for f in args.files]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UsageError(f"no such file: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    with MedclClient(args.url, api_key=args.api_key, retries=args.retries) as client:
+        for i in range(0, len(files), args.batch_size):
+            batch = files[i:i + args.batch_size]
+            answers = client.classify(batch, top_k=args.top_k) if call == "classify" else client.embed(batch)
+            for f, answer in zip(batch, answers):
+                print(json.dumps({"file": str(f), **answer}), flush=True)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    return _client_call(args, "classify")
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    return _client_call(args, "embed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medcl", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -339,6 +411,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--batch-size", type=int, default=256)
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     i.set_defaults(func=cmd_index)
+
+    for name, func, text in (("predict", cmd_predict, "classify image files with a running service"),
+                             ("embed", cmd_embed, "embed image files with a running service")):
+        c = sub.add_parser(name, help=text + " (one JSON line per file)")
+        c.add_argument("files", nargs="+", type=Path)
+        c.add_argument("--url", default=os.environ.get("MEDCL_URL"), help="service URL (MEDCL_URL, default "
+                                                                         "http://127.0.0.1:3000)")
+        c.add_argument("--api-key", default=None, help="default: MEDCL_API_KEY")
+        c.add_argument("--batch-size", type=int, default=32)
+        c.add_argument("--retries", type=int, default=3)
+        if name == "predict":
+            c.add_argument("--top-k", type=int, default=3)
+        c.set_defaults(func=func)
+
+    k = sub.add_parser("keys", help="API keys of the service: new (prints the key once), list, revoke")
+    k.add_argument("action", choices=["new", "list", "revoke"])
+    k.add_argument("--name")
+    k.add_argument("--scopes", default="read", help="comma-separated: read, write, admin (default read)")
+    k.add_argument("--file", help="key file (default: MEDCL_API_KEYS_FILE or MEDCL_HOME/api-keys.yaml)")
+    k.set_defaults(func=cmd_keys)
 
     d = sub.add_parser("demo", help="train the demo model if needed, then serve it")
     d.add_argument("action", choices=["prepare", "serve"])

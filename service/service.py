@@ -9,6 +9,8 @@ BentoML runs them as separate processes, so the CPU-side API and the model scale
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import time
@@ -32,8 +34,10 @@ from medcl.index.schema import (CaseIndexError, CaseMetadata, DuplicateId, Searc
 from medcl.index.sources import store_source
 from medcl.preprocess import (DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, decode_image, normalise,
                               to_model_pixels)
+from medcl.auth import KeyStore, auth_disabled
 from service import metrics
 from service.cases import cases_app
+from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from service.package import ModelPackage, default_package_dir
 
 log = logging.getLogger("medcl.service")
@@ -46,6 +50,11 @@ MAX_PIXELS = int(os.environ.get("MEDCL_MAX_PIXELS", DEFAULT_MAX_PIXELS))
 # so the deadline sits just under the request timeout and sheds only under real overload.
 MAX_BATCH_SIZE = int(os.environ.get("MEDCL_MAX_BATCH_SIZE", 64))
 SHED_AFTER_MS = int(os.environ.get("MEDCL_SHED_AFTER_MS", 20_000))
+MAX_BODY_BYTES = int(os.environ.get("MEDCL_MAX_BODY_BYTES", 256 * 1024 * 1024))
+# API keys (medcl/auth.py): on unless MEDCL_AUTH=off. A malformed key file stops the start here.
+KEYS: KeyStore | None = None if auth_disabled() else KeyStore.from_environment()
+IMAGES_BASE64 = Field(default_factory=list, description="Images as base64 strings (a data: URI prefix is accepted), "
+                      "for JSON clients; multipart clients send files in 'images'")
 
 
 def uploaded_name(path: Path) -> str:
@@ -120,6 +129,11 @@ class Medcl:
     model = bentoml.depends(EncoderModel)
 
     def __init__(self) -> None:
+        if KEYS is not None and not KEYS.configured:
+            raise RuntimeError("API keys are required but none are configured: set MEDCL_API_KEYS or "
+                               "MEDCL_API_KEYS_FILE (`medcl keys new` writes one), or MEDCL_AUTH=off on a closed network")
+        if KEYS is None:
+            log.warning("MEDCL_AUTH=off: every endpoint is open to anyone who can reach this port")
         package = default_package_dir()
         self.card = Card.load(package)
         # The case index of exactly this model version: embeddings of versions are never mixed.
@@ -150,22 +164,43 @@ class Medcl:
                     raise ServiceUnavailable("the model service did not answer; retry shortly") from None
         raise AssertionError("unreachable")
 
-    def _prepare(self, images: list[Path], endpoint: str) -> np.ndarray:
-        if not images:
+    def _uploads(self, images: list[Path], encoded: list[str], endpoint: str) -> list[tuple[str, bytes]]:
+        """(name, bytes) of every image sent, multipart files first, then base64 strings."""
+        if images and encoded:
+            metrics.ERRORS.labels(endpoint, "images_and_base64").inc()
+            raise InvalidArgument("send images as multipart files ('images') or base64 ('images_base64'), not both")
+        count = len(images) + len(encoded)
+        if not count:
             metrics.ERRORS.labels(endpoint, "no_images").inc()
-            raise InvalidArgument("send at least one image in the multipart field 'images'")
-        if len(images) > MAX_IMAGES_PER_REQUEST:
+            raise InvalidArgument("send at least one image: multipart field 'images' or JSON field 'images_base64'")
+        if count > MAX_IMAGES_PER_REQUEST:
             metrics.ERRORS.labels(endpoint, "too_many_images").inc()
-            raise PayloadTooLarge(f"{len(images)} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}")
-        pixels = []
+            raise PayloadTooLarge(f"{count} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}")
+        out = []
         for i, path in enumerate(images):
-            name = uploaded_name(path)
             size = Path(path).stat().st_size
             if size > MAX_FILE_BYTES:
                 metrics.ERRORS.labels(endpoint, "file_too_large").inc()
-                raise PayloadTooLarge(f"image {i} ({name}) is {size} bytes; the limit is {MAX_FILE_BYTES}")
+                raise PayloadTooLarge(f"image {i} ({uploaded_name(path)}) is {size} bytes; the limit is {MAX_FILE_BYTES}")
+            out.append((uploaded_name(path), Path(path).read_bytes()))
+        for i, text in enumerate(encoded):
+            name = f"images_base64[{i}]"
+            payload = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
+            if len(payload) * 3 // 4 > MAX_FILE_BYTES:
+                metrics.ERRORS.labels(endpoint, "file_too_large").inc()
+                raise PayloadTooLarge(f"{name} decodes to more than {MAX_FILE_BYTES} bytes")
             try:
-                pixels.append(to_model_pixels(decode_image(path, MAX_PIXELS), self.card.preprocess))
+                out.append((name, base64.b64decode("".join(payload.split()), validate=True)))
+            except (binascii.Error, ValueError):
+                metrics.ERRORS.labels(endpoint, "bad_base64").inc()
+                raise InvalidArgument(f"{name} is not valid base64") from None
+        return out
+
+    def _prepare(self, uploads: list[tuple[str, bytes]], endpoint: str) -> np.ndarray:
+        pixels = []
+        for i, (name, data) in enumerate(uploads):
+            try:
+                pixels.append(to_model_pixels(decode_image(data, MAX_PIXELS), self.card.preprocess))
             except ImageTooLargeError as e:
                 metrics.ERRORS.labels(endpoint, "too_many_pixels").inc()
                 raise PayloadTooLarge(f"image {i} ({name}): {e}") from None
@@ -176,9 +211,11 @@ class Medcl:
         return normalise(np.stack(pixels), self.card.preprocess)
 
     @bentoml.api(route="/classify")
-    def classify(self, images: list[Path], top_k: Annotated[int, Field(ge=1, le=100)] = 5) -> list[Prediction]:
+    def classify(self, images: list[Path] = Field(default_factory=list), images_base64: list[str] = IMAGES_BASE64,
+                 top_k: Annotated[int, Field(ge=1, le=100)] = 5) -> list[Prediction]:
         """Class, probability and top-k classes for each image, in the order sent."""
-        probs = softmax(self._call_model("logits", self._prepare(images, "classify"), "classify"))
+        batch = self._prepare(self._uploads(images, images_base64, "classify"), "classify")
+        probs = softmax(self._call_model("logits", batch, "classify"))
         out = []
         for row in probs:
             best = most_probable(row, self.card.class_names, top_k)
@@ -188,22 +225,31 @@ class Medcl:
         return out
 
     @bentoml.api(route="/embed")
-    def embed(self, images: list[Path]) -> list[Embedding]:
+    def embed(self, images: list[Path] = Field(default_factory=list),
+              images_base64: list[str] = IMAGES_BASE64) -> list[Embedding]:
         """The L2-normalised embedding of each image, in the order sent."""
-        vectors = self._call_model("embedding", self._prepare(images, "embed"), "embed")
+        batch = self._prepare(self._uploads(images, images_base64, "embed"), "embed")
+        vectors = self._call_model("embedding", batch, "embed")
         return [Embedding(embedding=v.astype(float).tolist(), dim=int(v.shape[0]), model_version=self.card.version)
                 for v in vectors]
 
-    def _query_vectors(self, images: list[Path], vectors: list[list[float]], endpoint: str) -> np.ndarray | list:
-        if images and vectors:
+    def _query_vectors(self, uploads: list[tuple[str, bytes]], vectors: list[list[float]],
+                       endpoint: str) -> np.ndarray | list:
+        if uploads and vectors:
             metrics.ERRORS.labels(endpoint, "images_and_vectors").inc()
             raise InvalidArgument("send images or vectors, not both")
         if vectors:
             return vectors
-        if not images:
+        return self._call_model("embedding", self._prepare(uploads, endpoint), endpoint)
+
+    def _uploads_or_vectors(self, images: list[Path], encoded: list[str], vectors: list[list[float]],
+                            endpoint: str) -> list[tuple[str, bytes]]:
+        if vectors and not images and not encoded:
+            return []
+        if not (images or encoded):
             metrics.ERRORS.labels(endpoint, "no_images").inc()
-            raise InvalidArgument("send images (multipart field 'images') or vectors (JSON field 'vectors')")
-        return self._call_model("embedding", self._prepare(images, endpoint), endpoint)
+            raise InvalidArgument("send images (multipart 'images' or JSON 'images_base64') or vectors ('vectors')")
+        return self._uploads(images, encoded, endpoint)
 
     @staticmethod
     def _index_error(endpoint: str, error: CaseIndexError) -> BentoMLException:
@@ -213,7 +259,7 @@ class Medcl:
         return InvalidArgument(str(error))
 
     @bentoml.api(route="/search")
-    def search(self, images: list[Path] = Field(default_factory=list),
+    def search(self, images: list[Path] = Field(default_factory=list), images_base64: list[str] = IMAGES_BASE64,
                vectors: list[list[float]] = Field(default_factory=list, description="Query embeddings (this model's)"),
                k: Annotated[int, Field(ge=1, le=1000)] = 10,
                label: str | None = None, case_id: str | None = None, slide_id: str | None = None,
@@ -221,7 +267,8 @@ class Medcl:
                model_version: str | None = Field(None, description="The version that made `vectors`; checked")
                ) -> list[SearchResult]:
         """The k most similar indexed cases for each query image or vector, with the majority-vote label."""
-        queries = self._query_vectors(images, vectors, "search")
+        queries = self._query_vectors(self._uploads_or_vectors(images, images_base64, vectors, "search"), vectors,
+                                      "search")
         where = SearchFilter(label=label, case_id=case_id, slide_id=slide_id, site=site, date_from=date_from,
                              date_to=date_to)
         start = time.perf_counter()
@@ -233,7 +280,7 @@ class Medcl:
         return results
 
     @bentoml.api(route="/cases")
-    def add_cases(self, images: list[Path] = Field(default_factory=list),
+    def add_cases(self, images: list[Path] = Field(default_factory=list), images_base64: list[str] = IMAGES_BASE64,
                   vectors: list[list[float]] = Field(default_factory=list),
                   metadata: list[CaseMetadata] = Field(default_factory=list,
                                                        description="One entry per image or vector, in order"),
@@ -242,19 +289,26 @@ class Medcl:
 
         A posted image is kept (content-addressed) so a later model version can re-embed it; its
         source_uri records that copy unless the client gave its own."""
-        queries = self._query_vectors(images, vectors, "cases")
+        uploads = self._uploads_or_vectors(images, images_base64, vectors, "cases")
+        queries = self._query_vectors(uploads, vectors, "cases")
         n = len(queries)
         if metadata and len(metadata) != n:
             metrics.ERRORS.labels("cases", "metadata_count").inc()
             raise InvalidArgument(f"{n} images or vectors but {len(metadata)} metadata entries")
         metadata = metadata or [CaseMetadata() for _ in range(n)]
-        if images:
+        if uploads:
             root = index_root()
-            metadata = [m if m.source_uri else m.model_copy(update={"source_uri": store_source(root, p.read_bytes())})
-                        for m, p in zip(metadata, images)]
+            metadata = [m if m.source_uri else m.model_copy(update={"source_uri": store_source(root, data)})
+                        for m, (_, data) in zip(metadata, uploads)]
         try:
             ids = self.index.add(queries, metadata, model_version=model_version if vectors else None)
         except CaseIndexError as e:
             raise self._index_error("cases", e) from None
         self.update_index_gauge()
         return CasesAdded(ids=ids, model_version=self.card.version)
+
+
+# Outermost first: the request log sees every answer, including the limit's 413s and the keys' 401s.
+Medcl.add_asgi_middleware(RequestContextMiddleware)
+Medcl.add_asgi_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+Medcl.add_asgi_middleware(ApiKeyMiddleware, keys=KEYS, public_docs=os.environ.get("MEDCL_PUBLIC_DOCS") == "1")

@@ -47,6 +47,11 @@ def tiny_package(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return export_onnx(tiny_run, tmp_path_factory.mktemp("packages") / "tiny")
 
 
+# Keys of the test service: two from MEDCL_API_KEYS, more added to its key file by the tests (hot reload).
+ADMIN_KEY = "test-admin-key-000000000000"
+READ_KEY = "test-read-only-key-0000000000"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -54,14 +59,25 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def service_url(tiny_package: Path, tmp_path_factory: pytest.TempPathFactory):
+def service_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The key file the test service watches (hot reload), starting with one write-scoped key."""
+    from medcl.auth import add_key_to_file
+
+    path = tmp_path_factory.mktemp("keys") / "api-keys.yaml"
+    add_key_to_file(path, "writer", ["write"])
+    return path
+
+
+@pytest.fixture(scope="session")
+def service_url(tiny_package: Path, service_key_file: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real `medcl serve` (BentoML + onnxruntime) on loopback, serving the tiny package."""
     import httpx
 
     port = free_port()
     log = tmp_path_factory.mktemp("service") / "serve.log"
     env = dict(os.environ, MEDCL_PORT=str(port), BENTOML_HOME=str(tmp_path_factory.mktemp("bentoml")),
-               MEDCL_INDEX=f"embedded://{tmp_path_factory.mktemp('index')}")
+               MEDCL_INDEX=f"embedded://{tmp_path_factory.mktemp('index')}", MEDCL_AUTH="on",
+               MEDCL_API_KEYS=f"{ADMIN_KEY}:admin,{READ_KEY}:read", MEDCL_API_KEYS_FILE=str(service_key_file))
     with log.open("w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "medcl.cli", "serve", "--package", str(tiny_package),
                                  "--port", str(port)], stdout=f, stderr=subprocess.STDOUT, env=env,
@@ -89,3 +105,12 @@ def service_url(tiny_package: Path, tmp_path_factory: pytest.TempPathFactory):
             proc.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def api(service_url: str):
+    """An HTTP client of the test service holding an admin key."""
+    import httpx
+
+    with httpx.Client(base_url=service_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as client:
+        yield client

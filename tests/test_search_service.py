@@ -21,15 +21,15 @@ from tests.test_service import post_files
 CLASSES = ("eosinophil", "neutrophil", "platelet", "erythroblast")
 
 
-def add_photos(url: str, photos: list[Path], labels: list[str], **extra) -> httpx.Response:
+def add_photos(api: httpx.Client, photos: list[Path], labels: list[str], **extra) -> httpx.Response:
     files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in photos]
     meta = [{"label": label, "case_id": f"case-{i % 5}", "site": "leeds" if i % 2 else "basel", **extra}
             for i, label in enumerate(labels)]
-    return httpx.post(f"{url}/cases", files=files, data={"metadata": json.dumps(meta)}, timeout=60)
+    return api.post("/cases", files=files, data={"metadata": json.dumps(meta)}, timeout=60)
 
 
 @pytest.fixture(scope="module")
-def indexed(service_url: str) -> dict:
+def indexed(api: httpx.Client) -> dict:
     """Real blood-cell photographs added through POST /cases, 6 per class."""
     photos, labels = [], []
     for name in CLASSES:
@@ -37,38 +37,38 @@ def indexed(service_url: str) -> dict:
         photos += found[:6]
         labels += [name] * 6
         queries = found[6:8]
-    r = add_photos(service_url, photos, labels)
+    r = add_photos(api, photos, labels)
     assert r.status_code == 200, r.text
     return {"ids": r.json()["ids"], "photos": photos, "labels": labels, "query": queries}
 
 
-def test_added_photos_can_be_read_back_and_found(service_url: str, indexed: dict) -> None:
-    first = httpx.get(f"{service_url}/cases/{indexed['ids'][0]}", timeout=30).json()
+def test_added_photos_can_be_read_back_and_found(api: httpx.Client, indexed: dict) -> None:
+    first = api.get(f"/cases/{indexed['ids'][0]}", timeout=30).json()
     assert first["label"] == indexed["labels"][0] and first["source_uri"].startswith("medcl-source:")
     # a photograph that was indexed is its own nearest case
-    r = post_files(service_url, "/search", [indexed["photos"][9]], k=3)
+    r = post_files(api, "/search", [indexed["photos"][9]], k=3)
     assert r.status_code == 200, r.text
     hits = r.json()[0]["hits"]
     assert hits[0]["id"] == indexed["ids"][9] and hits[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
 
 
-def test_search_answers_a_majority_label_and_respects_filters(service_url: str, indexed: dict) -> None:
-    r = post_files(service_url, "/search", indexed["query"], k=5, site="leeds")
+def test_search_answers_a_majority_label_and_respects_filters(api: httpx.Client, indexed: dict) -> None:
+    r = post_files(api, "/search", indexed["query"], k=5, site="leeds")
     assert r.status_code == 200, r.text
     for result in r.json():
         assert all(h["case"]["site"] == "leeds" for h in result["hits"]) and len(result["hits"]) == 5
         labels = [h["case"]["label"] for h in result["hits"]]
         assert result["majority_share"] == pytest.approx(labels.count(result["majority_label"]) / 5)
-    r = post_files(service_url, "/search", indexed["query"][:1], k=50, label="platelet", case_id="case-2")
+    r = post_files(api, "/search", indexed["query"][:1], k=50, label="platelet", case_id="case-2")
     assert {(h["case"]["label"], h["case"]["case_id"]) for h in r.json()[0]["hits"]} == {("platelet", "case-2")}
 
 
-def test_vectors_from_embed_search_like_images(service_url: str, tiny_package: Path, indexed: dict) -> None:
-    vector = post_files(service_url, "/embed", indexed["photos"][:1]).json()[0]["embedding"]
+def test_vectors_from_embed_search_like_images(api: httpx.Client, tiny_package: Path, indexed: dict) -> None:
+    vector = post_files(api, "/embed", indexed["photos"][:1]).json()[0]["embedding"]
     version = Card.load(tiny_package).version
-    r = httpx.post(f"{service_url}/search", json={"vectors": [vector], "k": 1, "model_version": version}, timeout=30)
+    r = api.post(f"/search", json={"vectors": [vector], "k": 1, "model_version": version}, timeout=30)
     assert r.status_code == 200 and r.json()[0]["hits"][0]["id"] == indexed["ids"][0]
-    r = httpx.post(f"{service_url}/search", json={"vectors": [vector], "model_version": "another-version"}, timeout=30)
+    r = api.post(f"/search", json={"vectors": [vector], "model_version": "another-version"}, timeout=30)
     assert r.status_code == 409 and "another-version" in r.text
 
 
@@ -78,32 +78,32 @@ def test_vectors_from_embed_search_like_images(service_url: str, tiny_package: P
     ({"vectors": [[0.1] * 4], "k": 0}, 400, "k"),
     ({"vectors": [[0.1] * 4], "date_from": "yesterday"}, 400, "date_from"),
 ])
-def test_bad_searches_get_a_4xx_with_a_message(service_url: str, body: dict, status: int, message: str) -> None:
-    r = httpx.post(f"{service_url}/search", json=body, timeout=30)
+def test_bad_searches_get_a_4xx_with_a_message(api: httpx.Client, body: dict, status: int, message: str) -> None:
+    r = api.post(f"/search", json=body, timeout=30)
     assert r.status_code == status and message in r.text
 
 
-def test_bad_additions_get_a_4xx_and_add_nothing(service_url: str, indexed: dict) -> None:
+def test_bad_additions_get_a_4xx_and_add_nothing(api: httpx.Client, indexed: dict) -> None:
     photo = indexed["photos"][:1]
-    before = httpx.get(f"{service_url}/metrics", timeout=30).text
-    r = add_photos(service_url, photo * 2, ["basophil"])  # 2 images, 1 metadata entry
+    before = api.get(f"/metrics", timeout=30).text
+    r = add_photos(api, photo * 2, ["basophil"])  # 2 images, 1 metadata entry
     assert r.status_code == 400 and "metadata" in r.text
-    r = add_photos(service_url, photo, ["basophil"], id=indexed["ids"][1])
+    r = add_photos(api, photo, ["basophil"], id=indexed["ids"][1])
     assert r.status_code == 409 and indexed["ids"][1] in r.text
-    r = add_photos(service_url, [Path(__file__)], ["basophil"])
+    r = add_photos(api, [Path(__file__)], ["basophil"])
     assert r.status_code == 400 and "test_search_service.py" in r.text
-    after = httpx.get(f"{service_url}/metrics", timeout=30).text
+    after = api.get(f"/metrics", timeout=30).text
     gauge = [line for line in after.splitlines() if line.startswith("medcl_index_cases")]
     assert gauge and gauge == [line for line in before.splitlines() if line.startswith("medcl_index_cases")]
 
 
-def test_delete_removes_a_case(service_url: str, indexed: dict) -> None:
+def test_delete_removes_a_case(api: httpx.Client, indexed: dict) -> None:
     victim = indexed["ids"][-1]
-    assert httpx.delete(f"{service_url}/cases/{victim}", timeout=30).status_code == 200
-    assert httpx.get(f"{service_url}/cases/{victim}", timeout=30).status_code == 404
-    assert httpx.delete(f"{service_url}/cases/{victim}", timeout=30).status_code == 404
-    assert httpx.get(f"{service_url}/cases/bad%20id", timeout=30).status_code == 400
-    hits = post_files(service_url, "/search", [indexed["photos"][-1]], k=3).json()[0]["hits"]
+    assert api.delete(f"/cases/{victim}", timeout=30).status_code == 200
+    assert api.get(f"/cases/{victim}", timeout=30).status_code == 404
+    assert api.delete(f"/cases/{victim}", timeout=30).status_code == 404
+    assert api.get(f"/cases/bad%20id", timeout=30).status_code == 400
+    hits = post_files(api, "/search", [indexed["photos"][-1]], k=3).json()[0]["hits"]
     assert victim not in [h["id"] for h in hits]
 
 

@@ -16,15 +16,15 @@ from medcl.preprocess import decode_image, normalise, to_model_pixels
 from tests.conftest import shared
 
 
-def post_files(url: str, route: str, paths: list[Path], **fields) -> httpx.Response:
+def post_files(api: httpx.Client, route: str, paths: list[Path], **fields) -> httpx.Response:
     """Multipart: the files in field ``images``; other arguments (top_k) are form fields beside them."""
     files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
-    return httpx.post(f"{url}{route}", files=files, data={k: str(v) for k, v in fields.items()}, timeout=60)
+    return api.post(route, files=files, data={k: str(v) for k, v in fields.items()}, timeout=60)
 
 
-def test_classify_real_photographs(service_url: str, tiny_package: Path) -> None:
+def test_classify_real_photographs(api: httpx.Client, tiny_package: Path) -> None:
     photos = sorted(shared("blood-photos").rglob("*.jpg"))[::100]
-    r = post_files(service_url, "/classify", photos, top_k=3)
+    r = post_files(api, "/classify", photos, top_k=3)
     assert r.status_code == 200, r.text
     answers = r.json()
     card = Card.load(tiny_package)
@@ -41,15 +41,15 @@ def test_classify_real_photographs(service_url: str, tiny_package: Path) -> None
     assert [a["label"] for a in answers] == expected
 
 
-def test_classify_single_image_and_tiles(service_url: str) -> None:
+def test_classify_single_image_and_tiles(api: httpx.Client) -> None:
     photo = sorted(shared("blood-photos", "neutrophil").glob("*.jpg"))[0]
-    r = post_files(service_url, "/classify", [photo])
+    r = post_files(api, "/classify", [photo])
     assert r.status_code == 200 and len(r.json()) == 1 and len(r.json()[0]["top_k"]) == 5
 
 
-def test_embed_returns_unit_vectors(service_url: str, tiny_package: Path) -> None:
+def test_embed_returns_unit_vectors(api: httpx.Client, tiny_package: Path) -> None:
     photos = sorted(shared("blood-photos", "monocyte").glob("*.jpg"))[:3]
-    r = post_files(service_url, "/embed", photos)
+    r = post_files(api, "/embed", photos)
     assert r.status_code == 200, r.text
     body = r.json()
     dim = Card.load(tiny_package).architecture.embedding_dim
@@ -60,31 +60,31 @@ def test_embed_returns_unit_vectors(service_url: str, tiny_package: Path) -> Non
         assert abs(np.linalg.norm(v) - 1) < 1e-5
 
 
-def test_truncated_jpeg_gets_400_with_a_message(service_url: str, tmp_path: Path) -> None:
+def test_truncated_jpeg_gets_400_with_a_message(api: httpx.Client, tmp_path: Path) -> None:
     photo = sorted(shared("blood-photos", "basophil").glob("*.jpg"))[0]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(photo.read_bytes()[:3000])
     good = sorted(shared("blood-photos", "basophil").glob("*.jpg"))[1]
-    r = post_files(service_url, "/classify", [good, broken])
+    r = post_files(api, "/classify", [good, broken])
     assert r.status_code == 400
     assert "image 1 (broken.jpg)" in r.text and ("truncated" in r.text or "decoded" in r.text)
 
 
 @pytest.mark.parametrize("payload", [b"not an image at all", b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
-def test_garbage_gets_4xx_not_500(service_url: str, payload: bytes) -> None:
-    r = httpx.post(f"{service_url}/classify", files=[("images", ("x.png", payload, "image/png"))], timeout=30)
+def test_garbage_gets_4xx_not_500(api: httpx.Client, payload: bytes) -> None:
+    r = api.post(f"/classify", files=[("images", ("x.png", payload, "image/png"))], timeout=30)
     assert 400 <= r.status_code < 500, r.text
 
 
-def test_missing_images_field_is_a_client_error(service_url: str) -> None:
-    r = httpx.post(f"{service_url}/classify", files=[("other", ("x.png", b"abc", "image/png"))], timeout=30)
+def test_missing_images_field_is_a_client_error(api: httpx.Client) -> None:
+    r = api.post(f"/classify", files=[("other", ("x.png", b"abc", "image/png"))], timeout=30)
     assert 400 <= r.status_code < 500
 
 
-def test_health_and_metrics(service_url: str) -> None:
-    assert httpx.get(f"{service_url}/livez").status_code == 200
-    assert httpx.get(f"{service_url}/readyz").status_code == 200
-    text = httpx.get(f"{service_url}/metrics").text
+def test_health_and_metrics(api: httpx.Client) -> None:
+    assert api.get(f"/livez").status_code == 200
+    assert api.get(f"/readyz").status_code == 200
+    text = api.get(f"/metrics").text
     assert "medcl_images_total" in text and "bentoml_service_request" in text
 
 
@@ -96,25 +96,25 @@ def test_the_serving_path_never_imports_torch() -> None:
 
 
 @pytest.mark.parametrize("top_k", ["0", "1000", "many"])
-def test_invalid_top_k_is_a_400(service_url: str, top_k: str) -> None:
+def test_invalid_top_k_is_a_400(api: httpx.Client, top_k: str) -> None:
     photo = sorted(shared("blood-photos", "lymphocyte").glob("*.jpg"))[0]
-    r = httpx.post(f"{service_url}/classify", files=[("images", (photo.name, photo.read_bytes(), "image/jpeg"))],
+    r = api.post(f"/classify", files=[("images", (photo.name, photo.read_bytes(), "image/jpeg"))],
                    data={"top_k": top_k}, timeout=30)
     assert r.status_code == 400, r.text
 
 
-def test_too_many_pixels_is_a_413(service_url: str) -> None:
+def test_too_many_pixels_is_a_413(api: httpx.Client) -> None:
     import io
 
     from PIL import Image
 
     buf = io.BytesIO()
     Image.new("L", (9000, 9000)).save(buf, format="PNG")  # 81 Mpx of zeros compresses to ~80 KB
-    r = httpx.post(f"{service_url}/classify", files=[("images", ("bomb.png", buf.getvalue(), "image/png"))], timeout=60)
+    r = api.post(f"/classify", files=[("images", ("bomb.png", buf.getvalue(), "image/png"))], timeout=60)
     assert r.status_code == 413 and "above the limit" in r.text
 
 
-def test_concurrent_requests_are_batched_and_none_is_shed(service_url: str) -> None:
+def test_concurrent_requests_are_batched_and_none_is_shed(api: httpx.Client) -> None:
     """32 clients at once, twice, with an idle gap longer than uvicorn's 5 s keep-alive between the
     bursts (that gap once turned stale internal connections into 500s): every request gets 200,
     and the model saw batches larger than one."""
@@ -124,7 +124,7 @@ def test_concurrent_requests_are_batched_and_none_is_shed(service_url: str) -> N
     photos = sorted(shared("blood-photos").rglob("*.jpg"))[::12][:96]
 
     def one(p: Path) -> int:
-        return post_files(service_url, "/classify", [p]).status_code
+        return post_files(api, "/classify", [p]).status_code
 
     statuses = []
     for burst in range(2):
@@ -133,7 +133,7 @@ def test_concurrent_requests_are_batched_and_none_is_shed(service_url: str) -> N
         with ThreadPoolExecutor(max_workers=32) as pool:
             statuses += list(pool.map(one, photos))
     assert statuses == [200] * (2 * len(photos))
-    text = httpx.get(f"{service_url}/metrics").text
+    text = api.get(f"/metrics").text
     count = sum(float(line.split()[-1]) for line in text.splitlines()
                 if line.startswith("medcl_model_batch_size_count") and 'output="logits"' in line)
     total = sum(float(line.split()[-1]) for line in text.splitlines()

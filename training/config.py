@@ -27,6 +27,8 @@ class DataConfig(BaseModel):
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     path_column: str = "path"
+    # Instead of path_column: a format string over the CSV's columns, e.g. "images/{image_id}.jpg".
+    path_template: str | None = None
     label_column: str = "label"
     group_column: str | None = None
     max_train_images: int | None = Field(default=None, ge=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -160,10 +161,12 @@ def read_folder(root: str | Path, spec: PreprocessSpec) -> tuple[ImageSet, Image
 
 def read_csv_manifest(path: str | Path, spec: PreprocessSpec, path_column: str = "path",
                       label_column: str = "label", group_column: str | None = None,
-                      class_names: list[str] | None = None) -> ImageSet:
+                      class_names: list[str] | None = None, path_template: str | None = None) -> ImageSet:
     """A CSV with an image path (relative to the CSV), a label, and optionally a group (patient, lesion).
 
     Rows with an empty label are unlabelled. Class order is ``class_names`` or sorted label values.
+    ``path_template`` builds the path from the row's columns instead (``images/{image_id}.jpg``), for
+    metadata tables such as ISIC/HAM10000's that name images by id only.
     """
     path = Path(path)
     if not path.is_file():
@@ -171,7 +174,8 @@ def read_csv_manifest(path: str | Path, spec: PreprocessSpec, path_column: str =
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
-        needed = [path_column, label_column] + ([group_column] if group_column else [])
+        wanted = re.findall(r"{(\w+)}", path_template) if path_template else [path_column]
+        needed = [*wanted, label_column] + ([group_column] if group_column else [])
         missing = [c for c in needed if c not in columns]
         if missing:
             raise DataError(f"{path} lacks column(s) {', '.join(missing)}; it has {', '.join(columns)}")
@@ -185,7 +189,8 @@ def read_csv_manifest(path: str | Path, spec: PreprocessSpec, path_column: str =
     if unknown:
         raise DataError(f"labels not in class_names: {', '.join(unknown[:5])}")
     labels = np.array([index[v] if v else UNLABELLED for v in raw_labels])
-    paths = [(path.parent / r[path_column]).resolve() for r in rows]
+    paths = [(path.parent / (path_template.format(**r) if path_template else r[path_column])).resolve()
+             for r in rows]
     groups = np.array([r[group_column] for r in rows]) if group_column else None
     return ImageSet(_load_many(paths, spec, path.name), labels, names, groups=groups,
                     sources=[str(p) for p in paths])

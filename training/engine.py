@@ -54,7 +54,7 @@ def load_splits(config: DataConfig, spec, seed: int) -> Splits:
         everything, extra_unlabelled = read_folder(config.path, spec)
     else:
         everything = read_csv_manifest(config.path, spec, config.path_column, config.label_column,
-                                       config.group_column, config.class_names)
+                                       config.group_column, config.class_names, config.path_template)
         extra_unlabelled = None
         if (everything.labels == UNLABELLED).any():
             extra_unlabelled = everything.subset(np.flatnonzero(everything.labels == UNLABELLED))

@@ -47,6 +47,10 @@ class CaseIndex(abc.ABC):
     def iter_records(self, batch: int = 1024):
         """Every case's record, in batches (lists): what re-embedding reads."""
 
+    def save(self) -> None:  # noqa: B027 - optional for backends
+        """After a bulk load: persist whatever makes later searches fast (a graph snapshot, sealed segments).
+        Never needed for durability: ``add`` already returned only once its cases were durable."""
+
     def close(self) -> None:  # noqa: B027 - optional for backends
         pass
 

@@ -143,5 +143,12 @@ class MilvusIndex(CaseIndex):
         for rows in self._iterate(_FIELDS, batch):
             yield [self._record(r) for r in rows]
 
+    def save(self) -> None:
+        """Seal the growing segment so Milvus builds its index on it: searches over growing segments
+        are brute force (measured on Milvus Lite at 100k: 1.1 s per query before, 0.07-0.15 s after)."""
+        with self._lock:
+            self._client.flush(self.collection)
+
     def close(self) -> None:
+        self.save()
         self._client.close()
