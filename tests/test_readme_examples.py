@@ -1,0 +1,38 @@
+"""The README's curl examples, run as written against the real service (marked blocks only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ADMIN_KEY, REPO_ROOT, shared
+
+MARKER = "tests/test_readme_examples.py runs every curl line of the next block"
+
+
+def readme_curl_lines() -> list[str]:
+    text = (REPO_ROOT / "README.md").read_text()
+    lines = []
+    for block in re.findall(re.escape(MARKER) + r".*?\n```bash\n(.*?)```", text, flags=re.S):
+        lines += [line for line in block.splitlines() if line.startswith("curl ")]
+    return lines
+
+
+def test_the_readme_has_tested_examples() -> None:
+    assert len(readme_curl_lines()) >= 10
+
+
+@pytest.mark.parametrize("line", readme_curl_lines(), ids=lambda line: line.split("$MEDCL_URL")[-1][:40])
+def test_readme_curl_example(service_url: str, line: str) -> None:
+    shared("blood-photos")  # the examples post real photographs from ../shared/data
+    env = dict(os.environ, MEDCL_URL=service_url, MEDCL_API_KEY=ADMIN_KEY)
+    out = subprocess.run(["bash", "-c", "set -o pipefail; " + line], cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    if not line.rstrip().endswith(("/metrics", "/readyz")):
+        json.loads(out.stdout)  # every API answer is JSON
