@@ -43,7 +43,7 @@ def indexed(api: httpx.Client) -> dict:
 
 
 def test_added_photos_can_be_read_back_and_found(api: httpx.Client, indexed: dict) -> None:
-    first = api.get(f"/cases/{indexed['ids'][0]}", timeout=30).json()
+    first = api.get("/cases/{indexed['ids'][0]}", timeout=30).json()
     assert first["label"] == indexed["labels"][0] and first["source_uri"].startswith("medcl-source:")
     # a photograph that was indexed is its own nearest case
     r = post_files(api, "/search", [indexed["photos"][9]], k=3)
@@ -66,9 +66,9 @@ def test_search_answers_a_majority_label_and_respects_filters(api: httpx.Client,
 def test_vectors_from_embed_search_like_images(api: httpx.Client, tiny_package: Path, indexed: dict) -> None:
     vector = post_files(api, "/embed", indexed["photos"][:1]).json()[0]["embedding"]
     version = Card.load(tiny_package).version
-    r = api.post(f"/search", json={"vectors": [vector], "k": 1, "model_version": version}, timeout=30)
+    r = api.post("/search", json={"vectors": [vector], "k": 1, "model_version": version}, timeout=30)
     assert r.status_code == 200 and r.json()[0]["hits"][0]["id"] == indexed["ids"][0]
-    r = api.post(f"/search", json={"vectors": [vector], "model_version": "another-version"}, timeout=30)
+    r = api.post("/search", json={"vectors": [vector], "model_version": "another-version"}, timeout=30)
     assert r.status_code == 409 and "another-version" in r.text
 
 
@@ -79,30 +79,30 @@ def test_vectors_from_embed_search_like_images(api: httpx.Client, tiny_package: 
     ({"vectors": [[0.1] * 4], "date_from": "yesterday"}, 400, "date_from"),
 ])
 def test_bad_searches_get_a_4xx_with_a_message(api: httpx.Client, body: dict, status: int, message: str) -> None:
-    r = api.post(f"/search", json=body, timeout=30)
+    r = api.post("/search", json=body, timeout=30)
     assert r.status_code == status and message in r.text
 
 
 def test_bad_additions_get_a_4xx_and_add_nothing(api: httpx.Client, indexed: dict) -> None:
     photo = indexed["photos"][:1]
-    before = api.get(f"/metrics", timeout=30).text
+    before = api.get("/metrics", timeout=30).text
     r = add_photos(api, photo * 2, ["basophil"])  # 2 images, 1 metadata entry
     assert r.status_code == 400 and "metadata" in r.text
     r = add_photos(api, photo, ["basophil"], id=indexed["ids"][1])
     assert r.status_code == 409 and indexed["ids"][1] in r.text
     r = add_photos(api, [Path(__file__)], ["basophil"])
     assert r.status_code == 400 and "test_search_service.py" in r.text
-    after = api.get(f"/metrics", timeout=30).text
+    after = api.get("/metrics", timeout=30).text
     gauge = [line for line in after.splitlines() if line.startswith("medcl_index_cases")]
     assert gauge and gauge == [line for line in before.splitlines() if line.startswith("medcl_index_cases")]
 
 
 def test_delete_removes_a_case(api: httpx.Client, indexed: dict) -> None:
     victim = indexed["ids"][-1]
-    assert api.delete(f"/cases/{victim}", timeout=30).status_code == 200
-    assert api.get(f"/cases/{victim}", timeout=30).status_code == 404
-    assert api.delete(f"/cases/{victim}", timeout=30).status_code == 404
-    assert api.get(f"/cases/bad%20id", timeout=30).status_code == 400
+    assert api.delete("/cases/{victim}", timeout=30).status_code == 200
+    assert api.get("/cases/{victim}", timeout=30).status_code == 404
+    assert api.delete("/cases/{victim}", timeout=30).status_code == 404
+    assert api.get("/cases/bad%20id", timeout=30).status_code == 400
     hits = post_files(api, "/search", [indexed["photos"][-1]], k=3).json()[0]["hits"]
     assert victim not in [h["id"] for h in hits]
 

@@ -72,19 +72,19 @@ def test_truncated_jpeg_gets_400_with_a_message(api: httpx.Client, tmp_path: Pat
 
 @pytest.mark.parametrize("payload", [b"not an image at all", b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
 def test_garbage_gets_4xx_not_500(api: httpx.Client, payload: bytes) -> None:
-    r = api.post(f"/classify", files=[("images", ("x.png", payload, "image/png"))], timeout=30)
+    r = api.post("/classify", files=[("images", ("x.png", payload, "image/png"))], timeout=30)
     assert 400 <= r.status_code < 500, r.text
 
 
 def test_missing_images_field_is_a_client_error(api: httpx.Client) -> None:
-    r = api.post(f"/classify", files=[("other", ("x.png", b"abc", "image/png"))], timeout=30)
+    r = api.post("/classify", files=[("other", ("x.png", b"abc", "image/png"))], timeout=30)
     assert 400 <= r.status_code < 500
 
 
 def test_health_and_metrics(api: httpx.Client) -> None:
-    assert api.get(f"/livez").status_code == 200
-    assert api.get(f"/readyz").status_code == 200
-    text = api.get(f"/metrics").text
+    assert api.get("/livez").status_code == 200
+    assert api.get("/readyz").status_code == 200
+    text = api.get("/metrics").text
     assert "medcl_images_total" in text and "bentoml_service_request" in text
 
 
@@ -98,7 +98,7 @@ def test_the_serving_path_never_imports_torch() -> None:
 @pytest.mark.parametrize("top_k", ["0", "1000", "many"])
 def test_invalid_top_k_is_a_400(api: httpx.Client, top_k: str) -> None:
     photo = sorted(shared("blood-photos", "lymphocyte").glob("*.jpg"))[0]
-    r = api.post(f"/classify", files=[("images", (photo.name, photo.read_bytes(), "image/jpeg"))],
+    r = api.post("/classify", files=[("images", (photo.name, photo.read_bytes(), "image/jpeg"))],
                    data={"top_k": top_k}, timeout=30)
     assert r.status_code == 400, r.text
 
@@ -110,7 +110,7 @@ def test_too_many_pixels_is_a_413(api: httpx.Client) -> None:
 
     buf = io.BytesIO()
     Image.new("L", (9000, 9000)).save(buf, format="PNG")  # 81 Mpx of zeros compresses to ~80 KB
-    r = api.post(f"/classify", files=[("images", ("bomb.png", buf.getvalue(), "image/png"))], timeout=60)
+    r = api.post("/classify", files=[("images", ("bomb.png", buf.getvalue(), "image/png"))], timeout=60)
     assert r.status_code == 413 and "above the limit" in r.text
 
 
@@ -133,7 +133,7 @@ def test_concurrent_requests_are_batched_and_none_is_shed(api: httpx.Client) -> 
         with ThreadPoolExecutor(max_workers=32) as pool:
             statuses += list(pool.map(one, photos))
     assert statuses == [200] * (2 * len(photos))
-    text = api.get(f"/metrics").text
+    text = api.get("/metrics").text
     count = sum(float(line.split()[-1]) for line in text.splitlines()
                 if line.startswith("medcl_model_batch_size_count") and 'output="logits"' in line)
     total = sum(float(line.split()[-1]) for line in text.splitlines()
