@@ -42,11 +42,21 @@ class ImageTooLargeError(ImageDecodeError):
     """The image has more pixels than allowed (decompression-bomb guard)."""
 
 
-def decode_image(data: bytes | str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode fully (not lazily) so truncation and corruption surface here, with a clear message."""
+# What the service accepts (the JPEG decoder also opens MPO, the multi-picture JPEG some cameras
+# write). Training readers take anything Pillow reads; the service keeps its attack surface to the
+# formats labs actually send.
+SERVICE_FORMATS = ("PNG", "JPEG", "TIFF")
+
+
+def decode_image(data: bytes | str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS,
+                 formats: tuple[str, ...] | None = None) -> Image.Image:
+    """Decode fully (not lazily) so truncation and corruption surface here, with a clear message.
+    ``formats`` limits the decoders tried (None: any Pillow reads)."""
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else Path(data)
+    if formats:
+        Image.init()  # registers every plugin: Image.open only pre-registers a few and KeyErrors on the rest
     try:
-        with Image.open(source) as im:
+        with Image.open(source, formats=list(formats) if formats else None) as im:
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageTooLargeError(f"image is {width}x{height} pixels, above the limit of {max_pixels}")
@@ -60,6 +70,8 @@ def decode_image(data: bytes | str | os.PathLike[str], max_pixels: int = DEFAULT
         raise ImageTooLargeError(f"image too large: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"image could not be decoded: {e}") from None
+    except Exception as e:  # a decoder failing in its own way on crafted input is still the input's fault
+        raise ImageDecodeError(f"image could not be decoded ({type(e).__name__}: {e})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -32,11 +32,12 @@ from medcl.index import index_root, open_index
 from medcl.index.schema import (CaseIndexError, CaseMetadata, DuplicateId, SearchFilter, SearchResult,
                                 VersionMismatch)
 from medcl.index.sources import store_source
-from medcl.preprocess import (DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, decode_image, normalise,
-                              to_model_pixels)
+from medcl.preprocess import (DEFAULT_MAX_PIXELS, SERVICE_FORMATS, ImageDecodeError, ImageTooLargeError, decode_image,
+                              normalise, to_model_pixels)
 from medcl.auth import KeyStore, auth_disabled
 from service import metrics
 from service.cases import cases_app
+from service.hardening import harden_multipart_parsing
 from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from service.package import ModelPackage, default_package_dir
 
@@ -53,6 +54,7 @@ SHED_AFTER_MS = int(os.environ.get("MEDCL_SHED_AFTER_MS", 20_000))
 MAX_BODY_BYTES = int(os.environ.get("MEDCL_MAX_BODY_BYTES", 256 * 1024 * 1024))
 # API keys (medcl/auth.py): on unless MEDCL_AUTH=off. A malformed key file stops the start here.
 KEYS: KeyStore | None = None if auth_disabled() else KeyStore.from_environment()
+harden_multipart_parsing()
 IMAGES_BASE64 = Field(default_factory=list, description="Images as base64 strings (a data: URI prefix is accepted), "
                       "for JSON clients; multipart clients send files in 'images'")
 
@@ -200,7 +202,7 @@ class Medcl:
         pixels = []
         for i, (name, data) in enumerate(uploads):
             try:
-                pixels.append(to_model_pixels(decode_image(data, MAX_PIXELS), self.card.preprocess))
+                pixels.append(to_model_pixels(decode_image(data, MAX_PIXELS, SERVICE_FORMATS), self.card.preprocess))
             except ImageTooLargeError as e:
                 metrics.ERRORS.labels(endpoint, "too_many_pixels").inc()
                 raise PayloadTooLarge(f"image {i} ({name}): {e}") from None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -68,18 +71,18 @@ def service_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def service_url(tiny_package: Path, service_key_file: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A real `medcl serve` (BentoML + onnxruntime) on loopback, serving the tiny package."""
+@contextlib.contextmanager
+def running_service(package: Path, folder: Path, **env_extra: str) -> Iterator[str]:
+    """A real `medcl serve` (BentoML + onnxruntime) on loopback with its own index; yields its URL."""
     import httpx
 
     port = free_port()
-    log = tmp_path_factory.mktemp("service") / "serve.log"
-    env = dict(os.environ, MEDCL_PORT=str(port), BENTOML_HOME=str(tmp_path_factory.mktemp("bentoml")),
-               MEDCL_INDEX=f"embedded://{tmp_path_factory.mktemp('index')}", MEDCL_AUTH="on",
-               MEDCL_API_KEYS=f"{ADMIN_KEY}:admin,{READ_KEY}:read", MEDCL_API_KEYS_FILE=str(service_key_file))
+    log = folder / "serve.log"
+    env = dict(os.environ, MEDCL_PORT=str(port), BENTOML_HOME=str(folder / "bentoml"),
+               MEDCL_INDEX=f"embedded://{folder / 'index'}", MEDCL_AUTH="on",
+               MEDCL_API_KEYS=f"{ADMIN_KEY}:admin,{READ_KEY}:read", **env_extra)
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "medcl.cli", "serve", "--package", str(tiny_package),
+        proc = subprocess.Popen([sys.executable, "-m", "medcl.cli", "serve", "--package", str(package),
                                  "--port", str(port)], stdout=f, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -98,13 +101,19 @@ def service_url(tiny_package: Path, service_key_file: Path, tmp_path_factory: py
             time.sleep(0.5)
         yield url
     finally:
-        import signal
-
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def service_url(tiny_package: Path, service_key_file: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The test service: the tiny package, keys from MEDCL_API_KEYS and a watched key file."""
+    with running_service(tiny_package, tmp_path_factory.mktemp("service"),
+                         MEDCL_API_KEYS_FILE=str(service_key_file)) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -137,6 +137,8 @@ def test_bad_additions_are_refused_and_change_nothing(filled, tiles: dict) -> No
         index.add(np.ones((1, index.dim + 1), np.float32))
     with pytest.raises(CaseIndexError, match="NaN"):
         index.add(np.full((1, index.dim), np.nan, np.float32))
+    with pytest.raises(CaseIndexError, match="rows of"):
+        index.add([[0.1] * index.dim, [0.1, 0.2]])
     with pytest.raises(VersionMismatch):
         index.add(tiles["vectors"][:1], model_version="v2")
     with pytest.raises(VersionMismatch):

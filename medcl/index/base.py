@@ -61,7 +61,12 @@ class CaseIndex(abc.ABC):
                                   f"of {self.model_name} version {self.model_version}")
 
     def _vectors(self, vectors: np.ndarray | list) -> np.ndarray:
-        v = np.asarray(vectors, dtype=np.float32)
+        try:
+            v = np.asarray(vectors, dtype=np.float32)
+        except (ValueError, TypeError):  # ragged rows, or not numbers
+            lengths = sorted({len(row) for row in vectors if hasattr(row, "__len__")})
+            raise CaseIndexError(f"vectors must be rows of {self.dim} numbers each; got rows of lengths "
+                                 f"{lengths[:5]}") from None
         if v.ndim == 1:
             v = v[None, :]
         if v.ndim != 2 or v.shape[1] != self.dim:
