@@ -50,18 +50,27 @@ def images() -> list[bytes]:
     return out
 
 
-def group_rss_mb(pgid: int) -> float:
-    total = 0
+def tree_rss_mb(root: int) -> float:
+    """RSS of a process and all its descendants (BentoML's workers are children, not one group)."""
+    parents: dict[int, int] = {}
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if os.getpgid(int(pid)) != pgid:
+        if pid.isdigit():
+            try:
+                parents[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
                 continue
+    tree, grew = {root}, True
+    while grew:
+        new = {p for p, parent in parents.items() if parent in tree} - tree
+        tree |= new
+        grew = bool(new)
+    total = 0
+    for pid in tree:
+        try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
-        except (ProcessLookupError, FileNotFoundError, PermissionError):
+        except (FileNotFoundError, ProcessLookupError):
             continue
     return total / 1024
 
@@ -88,6 +97,7 @@ def start_service(package: Path, port: int, folder: Path) -> subprocess.Popen:
 
 
 async def run_load(url: str, pool: list[bytes], concurrency: int, seconds: float, pgid: int) -> tuple[list, list]:
+    """``pgid``: the service's root process id (its session leader)."""
     import httpx
 
     records: list[tuple[str, int, float]] = []
@@ -115,7 +125,7 @@ async def run_load(url: str, pool: list[bytes], concurrency: int, seconds: float
 
     async def sample_memory() -> None:
         while time.perf_counter() < stop:
-            memory.append((round(time.perf_counter() - start, 1), round(group_rss_mb(pgid), 1)))
+            memory.append((round(time.perf_counter() - start, 1), round(tree_rss_mb(pgid), 1)))
             await asyncio.sleep(5)
 
     await asyncio.gather(sample_memory(), *(client(w) for w in range(concurrency)))
@@ -166,11 +176,15 @@ def main() -> None:
         proc = start_service(args.package.resolve(), port, Path(tmp))
         try:
             records, memory = asyncio.run(run_load(f"http://127.0.0.1:{port}", images(), args.concurrency,
-                                                   args.minutes * 60, os.getpgid(proc.pid)))
+                                                   args.minutes * 60, proc.pid))
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+        # What the server said about its failures, kept beside the figures.
+        server_log = [line for line in (Path(tmp) / "serve.log").read_text().splitlines()
+                      if "Error" in line or "status=5" in line][-40:]
     result, lines = summarise(records, memory, args.minutes * 60, args.concurrency, args.package)
+    result["server_log_errors"] = server_log
     write_results(args.out, result, lines, f"python -m bench.load_test --package {args.package} --minutes "
                   f"{args.minutes:g} --concurrency {args.concurrency} --out {args.out}")
     print("\n".join(lines))

@@ -14,3 +14,6 @@ MODEL_INFO = Gauge("medcl_model_info", "Loaded model version (value 1)", ["model
 SEARCH_SECONDS = Histogram("medcl_search_seconds", "Vector search latency (index only, not embedding)",
                            ["model", "version"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1))
 INDEX_CASES = Gauge("medcl_index_cases", "Cases in the case index", ["model", "version"])
+REQUEST_SECONDS = Histogram("medcl_request_seconds", "End-to-end latency of API requests (the server's view)",
+                            ["endpoint", "status_class"],
+                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))

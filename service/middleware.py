@@ -49,9 +49,14 @@ async def _reply(send: Send, status: int, message: str, headers: list[tuple[byte
     await send({"type": "http.response.body", "body": body})
 
 
+_KNOWN = frozenset({"/classify", "/embed", "/search", "/cases", "/models", "/segment", "/docs.json", "/"})
+
+
 def _endpoint(path: str) -> str:
-    """A bounded label for metrics: the first path segment (never a case id)."""
-    return "/" + path.strip("/").split("/", 1)[0]
+    """A bounded metrics label: the first path segment (never a case id); unknown paths share one
+    label, so probing random URLs cannot grow the number of time series."""
+    first = "/" + path.strip("/").split("/", 1)[0]
+    return first if first in _KNOWN else "/other"
 
 
 class RequestContextMiddleware:
@@ -84,10 +89,12 @@ class RequestContextMiddleware:
         finally:
             path = scope.get("path", "")
             if path not in OPEN_PATHS:  # probes every few seconds would drown the log
+                seconds = time.perf_counter() - start
+                metrics.REQUEST_SECONDS.labels(_endpoint(path), f"{status // 100}xx").observe(seconds)
                 self.log.info(json.dumps({
                     "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", "request_id": request_id,
                     "method": scope.get("method"), "path": path, "status": status,
-                    "ms": round((time.perf_counter() - start) * 1000, 1), "caller": PRINCIPAL.get(),
+                    "ms": round(seconds * 1000, 1), "caller": PRINCIPAL.get(),
                 }))
             REQUEST_ID.reset(id_token)
             PRINCIPAL.reset(principal_token)

@@ -74,8 +74,9 @@ def test_every_endpoint_needs_a_key(service_url: str, method: str, path: str) ->
 def test_probes_and_metrics_need_no_key(service_url: str) -> None:
     for path in ("/livez", "/readyz", "/metrics"):
         assert httpx.get(f"{service_url}{path}", timeout=30).status_code == 200
-    assert 'medcl_request_errors_total{endpoint="/classify",kind="unauthenticated"}' in \
-        httpx.get(f"{service_url}/metrics", timeout=30).text
+    text = httpx.get(f"{service_url}/metrics", timeout=30).text
+    assert 'medcl_request_errors_total{endpoint="/classify",kind="unauthenticated"}' in text
+    assert 'medcl_request_seconds_count{endpoint="/classify",status_class="4xx"}' in text
 
 
 def test_read_only_keys_cannot_change_the_index(service_url: str) -> None:
