@@ -45,7 +45,7 @@ async def _reply(send: Send, status: int, message: str, headers: list[tuple[byte
     body = json.dumps({"error": message}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"x-request-id", REQUEST_ID.get().encode()), *(headers or [])]})
+                            *(headers or [])]})  # X-Request-ID is added by RequestContextMiddleware
     await send({"type": "http.response.body", "body": body})
 
 

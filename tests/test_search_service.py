@@ -43,7 +43,7 @@ def indexed(api: httpx.Client) -> dict:
 
 
 def test_added_photos_can_be_read_back_and_found(api: httpx.Client, indexed: dict) -> None:
-    first = api.get("/cases/{indexed['ids'][0]}", timeout=30).json()
+    first = api.get(f"/cases/{indexed['ids'][0]}", timeout=30).json()
     assert first["label"] == indexed["labels"][0] and first["source_uri"].startswith("medcl-source:")
     # a photograph that was indexed is its own nearest case
     r = post_files(api, "/search", [indexed["photos"][9]], k=3)
@@ -99,9 +99,9 @@ def test_bad_additions_get_a_4xx_and_add_nothing(api: httpx.Client, indexed: dic
 
 def test_delete_removes_a_case(api: httpx.Client, indexed: dict) -> None:
     victim = indexed["ids"][-1]
-    assert api.delete("/cases/{victim}", timeout=30).status_code == 200
-    assert api.get("/cases/{victim}", timeout=30).status_code == 404
-    assert api.delete("/cases/{victim}", timeout=30).status_code == 404
+    assert api.delete(f"/cases/{victim}", timeout=30).status_code == 200
+    assert api.get(f"/cases/{victim}", timeout=30).status_code == 404
+    assert api.delete(f"/cases/{victim}", timeout=30).status_code == 404
     assert api.get("/cases/bad%20id", timeout=30).status_code == 400
     hits = post_files(api, "/search", [indexed["photos"][-1]], k=3).json()[0]["hits"]
     assert victim not in [h["id"] for h in hits]

@@ -61,9 +61,9 @@ def torchserve_url(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory):
         proc.wait()
 
 
-def test_torchserve_answers_like_the_bentoml_service(torchserve_url: str, service_url: str) -> None:
+def test_torchserve_answers_like_the_bentoml_service(torchserve_url: str, api: httpx.Client) -> None:
     photos = sorted(shared("blood-photos").rglob("*.jpg"))[::150]
-    bento = post_files(service_url, "/classify", photos).json()
+    bento = post_files(api, "/classify", photos).json()
     for photo, expected in zip(photos, bento):
         r = httpx.post(torchserve_url, content=photo.read_bytes(), timeout=60)
         assert r.status_code == 200, r.text
