@@ -4,13 +4,6 @@
 #   bash scripts/ham_retrieval_evidence.sh        (about 30 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MEDCL=${MEDCL:-.venv/bin/medcl}
-for frac in 0.1 1.0; do
-  pct=$(python3 -c "print(int(float('$frac')*100))")
-  for method in cross_entropy s5cl; do
-    "$MEDCL" train configs/ham10000.yaml --quiet --set method.name=$method --set data.label_fraction=$frac \
-      --set name=ham10000-$method-${pct}pct
-  done
-done
+bash scripts/train_sweep.sh configs/ham10000.yaml ham10000 0.1 1.0
 "${PYTHON:-.venv/bin/python}" -m bench.search_quality runs/ham10000-*pct --config configs/ham10000.yaml \
   --untrained runs/ham10000-s5cl-10pct --out docs/results/ham10000-retrieval
