@@ -37,7 +37,7 @@ from medcl.preprocess import (DEFAULT_MAX_PIXELS, SERVICE_FORMATS, ImageDecodeEr
 from medcl.auth import KeyStore, auth_disabled
 from service import metrics
 from service.cases import cases_app
-from service.hardening import harden_multipart_parsing
+from service.hardening import defer_session_close, harden_multipart_parsing
 from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from service.package import ModelPackage, default_package_dir
 
@@ -55,6 +55,7 @@ MAX_BODY_BYTES = int(os.environ.get("MEDCL_MAX_BODY_BYTES", 256 * 1024 * 1024))
 # API keys (medcl/auth.py): on unless MEDCL_AUTH=off. A malformed key file stops the start here.
 KEYS: KeyStore | None = None if auth_disabled() else KeyStore.from_environment()
 harden_multipart_parsing()
+defer_session_close()
 IMAGES_BASE64 = Field(default_factory=list, description="Images as base64 strings (a data: URI prefix is accepted), "
                       "for JSON clients; multipart clients send files in 'images'")
 
