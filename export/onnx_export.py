@@ -79,6 +79,11 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, parity_data: str | Pat
     from training.engine import load_trained
     from training.models import ExportWrapper
 
+    if Card.load(run_dir).task == "segment":
+        from export.segmenter_export import export_segmenter
+
+        return export_segmenter(run_dir, out_dir, parity_data=parity_data, opset=opset, tolerance=tolerance,
+                                variants=variants, tensorrt=tensorrt)
     model, card = load_trained(run_dir)
     wrapper = ExportWrapper(model).eval()
     pixels, parity_source = parity_images(card, parity_data, n_parity)

@@ -100,6 +100,31 @@ class OnnxSpec(BaseModel):
     variants: dict[str, dict[str, float | int | str | bool]] = {}
 
 
+class SegmentationSpec(BaseModel):
+    """How a segmenter's output becomes nuclei: which map, how to tile, how to cut instances."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    maps: int = Field(ge=1)  # confidence maps the network outputs
+    nuclei_channel: int = Field(ge=0)
+    channel_rule: str  # how nuclei_channel was chosen (label-free for the self-supervised network)
+    receptive_radius: int = Field(ge=0)  # tiles overlap by twice this, so stitching is exact
+    window: int = Field(default=512, ge=32)
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    threshold_rule: Literal["fixed", "otsu"] = "fixed"
+    open_radius: int = Field(default=3, ge=0)
+    close_radius: int = Field(default=1, ge=0)
+    min_area: int = Field(default=30, ge=0)
+    min_distance: int = Field(default=6, ge=0)
+    pixel_size_um: float | None = Field(default=None, gt=0.0)  # of the training images
+
+    @model_validator(mode="after")
+    def _channel_exists(self) -> "SegmentationSpec":
+        if self.nuclei_channel >= self.maps:
+            raise ValueError(f"nuclei_channel {self.nuclei_channel} but only {self.maps} maps")
+        return self
+
+
 class Card(BaseModel):
     """Model card shared by training (checkpoints), export (packages) and the service."""
 
@@ -119,6 +144,13 @@ class Card(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     code_version: str = ""
     onnx: OnnxSpec | None = None
+    segmentation: SegmentationSpec | None = None
+
+    @model_validator(mode="after")
+    def _segmenter_has_rules(self) -> "Card":
+        if (self.task == "segment") != (self.segmentation is not None):
+            raise ValueError("a card has a segmentation section exactly when its task is 'segment'")
+        return self
 
     @field_validator("class_names")
     @classmethod

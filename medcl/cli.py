@@ -39,6 +39,16 @@ def _parse_overrides(pairs: Sequence[str]) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from training.config import load_config
     from training.engine import train
+    from training.nuclei import is_segmenter_config
+
+    if is_segmenter_config(args.config):  # `task: segment`: the nuclei segmenter or its U-Net baseline
+        from training.nuclei import load_segmenter_config, train_segmenter
+
+        seg_config = load_segmenter_config(args.config, _parse_overrides(args.set))
+        run_dir = train_segmenter(seg_config, progress=not args.quiet)
+        scores = json.loads((run_dir / "metrics.json").read_text())
+        print(json.dumps({"run_dir": str(run_dir), **scores.get("mean", {})}))
+        return 0
 
     config = load_config(args.config, _parse_overrides(args.set))
     run_dir = train(config, resume=not args.no_resume, progress=not args.quiet)
@@ -131,14 +141,33 @@ def _ensure_api_keys(env: dict[str, str]) -> None:
     env["MEDCL_API_KEYS_FILE"] = str(path)
 
 
-def _bentoml_serve(package: Path, port: int, host: str) -> int:
-    if not (package / "card.json").is_file():
-        raise UsageError(f"no model package at {package}; run `medcl demo prepare` or `medcl export`")
+def _bentoml_serve(package: Path | None, port: int, host: str, models: str | None = None) -> int:
+    """Serve one package, or several models (``models``: NAME=FOLDER_OR_STORE_REF,... as MEDCL_MODELS)."""
+    # Absolute paths: the service process does not run in the caller's folder.
+    env = dict(os.environ, MEDCL_HOME=str(Path(os.environ.get("MEDCL_HOME", ".medcl")).resolve()))
+    if models:
+        entries = []
+        for item in filter(None, (p.strip() for p in models.split(","))):
+            name, sep, where = item.partition("=")
+            if not sep:
+                raise UsageError(f"--models entry {item!r} is not NAME=FOLDER or NAME=STORE_REFERENCE")
+            folder = Path(where)
+            if folder.is_dir():
+                if not (folder / "card.json").is_file():
+                    raise UsageError(f"no model package at {folder}")
+                where = str(folder.resolve())
+            entries.append(f"{name}={where}")
+        env["MEDCL_MODELS"] = ",".join(entries)
+        env.pop("MEDCL_PACKAGE", None)
+        what = ", ".join(entries)
+    else:
+        if package is None or not (package / "card.json").is_file():
+            raise UsageError(f"no model package at {package}; run `medcl demo prepare` or `medcl export`")
+        env["MEDCL_PACKAGE"] = str(package.resolve())
+        env.pop("MEDCL_MODELS", None)
+        what = str(package)
     from medcl.index import index_uri
 
-    # Absolute paths: the service process does not run in the caller's folder.
-    env = dict(os.environ, MEDCL_PACKAGE=str(package.resolve()),
-               MEDCL_HOME=str(Path(os.environ.get("MEDCL_HOME", ".medcl")).resolve()))
     uri = index_uri()
     if uri.startswith(("embedded://", "milvus://")):
         scheme, path = uri.split("://", 1)
@@ -148,7 +177,7 @@ def _bentoml_serve(package: Path, port: int, host: str) -> int:
     _ensure_api_keys(env)
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:Medcl", "--port", str(port), "--host", host,
            "--working-dir", str(REPO_ROOT)]
-    print(f"medcl: serving {package} on http://{host}:{port}", file=sys.stderr, flush=True)
+    print(f"medcl: serving {what} on http://{host}:{port}", file=sys.stderr, flush=True)
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
 
@@ -156,6 +185,8 @@ def _bentoml_serve(package: Path, port: int, host: str) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.package import default_package_dir
 
+    if args.models:
+        return _bentoml_serve(None, args.port, args.host, models=args.models)
     if args.model:
         from medcl.model_store import resolve
 
@@ -166,13 +197,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from medcl.demo import prepare_demo
 
-    package = prepare_demo(force=args.force)
-    from medcl.demo import fill_demo_index
+    from medcl.demo import fill_demo_index, prepare_demo_segmenter
 
+    package = prepare_demo(force=args.force)
+    segmenter = prepare_demo_segmenter(force=args.force)
     fill_demo_index(package)
+    models = f"demo-bloodmnist={package},demo-nuclei={segmenter}"
     if args.action == "serve":
-        return _bentoml_serve(package, args.port, args.host)
-    print(json.dumps({"package": str(package)}))
+        return _bentoml_serve(None, args.port, args.host, models=models)
+    print(json.dumps({"package": str(package), "segmenter": str(segmenter)}))
     return 0
 
 
@@ -291,6 +324,22 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bento(args: argparse.Namespace) -> int:
+    from medcl.bento import build_bento
+
+    models = {}
+    for item in filter(None, (p.strip() for p in args.models.split(","))):
+        name, sep, where = item.partition("=")
+        if not sep:
+            raise UsageError(f"--models entry {item!r} is not NAME=PACKAGE_DIR")
+        models[name] = Path(where)
+    if not models:
+        raise UsageError("--models needs at least one NAME=PACKAGE_DIR")
+    tag = build_bento(models, default=args.default)
+    print(json.dumps({"bento": tag, "models": sorted(models)}))
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from medcl.auth import add_key_to_file, default_key_file, read_key_file, revoke_key_in_file
 
@@ -382,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a model package over HTTP (BentoML)")
     s.add_argument("--package", type=Path, help="package directory (default: MEDCL_PACKAGE or the demo)")
     s.add_argument("--model", help="serve from the model store: NAME (its champion), NAME@challenger or NAME:VERSION")
+    s.add_argument("--models", help="serve several models: NAME=FOLDER_OR_STORE_REF,... (the first is the default; "
+                                    "requests pick one with 'model')")
     s.add_argument("--port", type=int, default=default_port)
     s.add_argument("--host", default=os.environ.get("MEDCL_HOST", "127.0.0.1"))
     s.set_defaults(func=cmd_serve)
@@ -424,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             c.add_argument("--top-k", type=int, default=3)
         c.set_defaults(func=func)
+
+    b = sub.add_parser("bento", help="build a Bento (bentoml build, offline) that carries the models it serves")
+    b.add_argument("action", choices=["build"])
+    b.add_argument("--models", required=True, help="NAME=PACKAGE_DIR,... (the first is the default)")
+    b.add_argument("--default", help="the default model's name")
+    b.set_defaults(func=cmd_bento)
 
     k = sub.add_parser("keys", help="API keys of the service: new (prints the key once), list, revoke")
     k.add_argument("action", choices=["new", "list", "revoke"])

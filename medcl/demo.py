@@ -16,6 +16,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo-bloodmnist.yaml"
 DEMO_DATA = REPO_ROOT / "demo" / "bloodmnist-demo.npz"
+DEMO_NUCLEI_CONFIG = REPO_ROOT / "configs" / "demo-nuclei.yaml"
+DEMO_HE_TILES = REPO_ROOT / "demo" / "he-tiles"
 
 
 def medcl_home() -> Path:
@@ -45,6 +47,30 @@ def prepare_demo(force: bool = False) -> Path:
     run_dir = train(config, resume=resume)
     print("medcl: exporting to ONNX and checking parity with PyTorch", file=sys.stderr, flush=True)
     return export_onnx(run_dir, package)
+
+
+def demo_segmenter_dir() -> Path:
+    return medcl_home() / "packages" / "demo-nuclei"
+
+
+def prepare_demo_segmenter(force: bool = False) -> Path:
+    """Train (self-supervised, on the carried CC BY H&E tiles) and export the demo nuclei segmenter
+    unless its package exists."""
+    package = demo_segmenter_dir()
+    if (package / "card.json").is_file() and (package / "model.onnx").is_file() and not force:
+        print(f"medcl: demo segmenter ready at {package}", file=sys.stderr)
+        return package
+    if not DEMO_HE_TILES.is_dir():
+        raise FileNotFoundError(f"demo H&E tiles missing at {DEMO_HE_TILES}; the repository is incomplete")
+    from export.onnx_export import export_onnx
+    from training.nuclei import load_segmenter_config, train_segmenter
+
+    config = load_segmenter_config(DEMO_NUCLEI_CONFIG, {"output_dir": str(medcl_home() / "runs")})
+    print(f"medcl: first run: training the demo nuclei segmenter (self-supervised, at most "
+          f"{config.schedule.steps} steps) on {len(list(DEMO_HE_TILES.glob('*.png')))} CC BY H&E tiles",
+          file=sys.stderr, flush=True)
+    run_dir = train_segmenter(config)
+    return export_onnx(run_dir, package, parity_data=DEMO_HE_TILES)
 
 
 def fill_demo_index(package: Path) -> dict:

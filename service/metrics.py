@@ -17,3 +17,5 @@ INDEX_CASES = Gauge("medcl_index_cases", "Cases in the case index", ["model", "v
 REQUEST_SECONDS = Histogram("medcl_request_seconds", "End-to-end latency of API requests (the server's view)",
                             ["endpoint", "status_class"],
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+NUCLEI_PER_TILE = Histogram("medcl_nuclei_per_tile", "Nuclei found per segmented tile", ["model"],
+                            buckets=(0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000))

@@ -1,10 +1,12 @@
-"""BentoML 1.4 service: /classify and /embed over an ONNX package; onnxruntime only, no torch.
+"""BentoML 1.4 service: /classify, /embed, /search, /cases and /segment over ONNX packages; no torch.
 
-Two composed services (DESIGN.md, Serving): ``Medcl`` is the HTTP API (decode, validate,
-preprocess by the card), ``EncoderModel`` holds the onnxruntime session and batches adaptively.
-BentoML runs them as separate processes, so the CPU-side API and the model scale separately.
+Composed services (DESIGN.md, Serving): ``Medcl`` is the HTTP API (decode, validate, preprocess by
+the card, auth, search); each served model is its own model service holding one onnxruntime
+session (classifiers batch adaptively). BentoML runs each as a separate process, so the CPU-side
+API and every model scale separately. Which models: service/registry.py (MEDCL_MODELS_FILE,
+MEDCL_MODELS, or one package); requests name one with ``model`` or get the default.
 
-    bentoml serve service.service:Medcl        # package from MEDCL_PACKAGE (default: the demo)
+    bentoml serve service.service:Medcl        # models from MEDCL_MODELS / MEDCL_PACKAGE (default: the demo)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Annotated
 import aiohttp
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
+from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, ServiceUnavailable
 from pydantic import BaseModel, Field
 
 from medcl.answers import softmax
@@ -33,13 +35,16 @@ from medcl.index.schema import (CaseIndexError, CaseMetadata, DuplicateId, Searc
                                 VersionMismatch)
 from medcl.index.sources import store_source
 from medcl.preprocess import (DEFAULT_MAX_PIXELS, SERVICE_FORMATS, ImageDecodeError, ImageTooLargeError, decode_image,
-                              normalise, to_model_pixels)
+                              normalise, to_model_pixels, to_rgb)
+from medcl.segmentation import describe_instances, geojson, instances_from_probability, label_png, sliding_window
+from medcl.segmentation import InstanceRules
 from medcl.auth import KeyStore, auth_disabled
 from service import metrics
-from service.cases import cases_app
+from service.cases import extra_app
 from service.hardening import defer_session_close, harden_multipart_parsing
 from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from service.package import ModelPackage, default_package_dir
+from service.package import ModelPackage
+from service.registry import ModelsConfig, configured_models
 
 log = logging.getLogger("medcl.service")
 
@@ -80,6 +85,10 @@ class CasesAdded(BaseModel):
     model_version: str
 
 
+MODEL_FIELD = Field(None, description="Which served model (GET /models lists them); default: the configured default")
+MAX_SEGMENT_PIXELS = int(os.environ.get("MEDCL_MAX_SEGMENT_PIXELS", 4096 * 4096))
+
+
 class ClassScore(BaseModel):
     label: str
     probability: float
@@ -89,47 +98,123 @@ class Prediction(BaseModel):
     label: str = Field(description="Most probable class")
     score: float = Field(description="Its softmax probability")
     top_k: list[ClassScore]
+    model: str
     model_version: str
 
 
 class Embedding(BaseModel):
     embedding: list[float] = Field(description="L2-normalised embedding")
     dim: int
+    model: str
     model_version: str
 
 
-@bentoml.service(name="medcl-encoder", workers=1, traffic={"timeout": 60})
-class EncoderModel:
-    """The onnxruntime session. Its two methods batch requests from all API workers together."""
-
-    def __init__(self) -> None:
-        self.package = ModelPackage(default_package_dir())
-        card = self.package.card
-        metrics.MODEL_INFO.labels(card.name, card.version, self.package.provider).set(1)
-
-    def _run(self, batch: np.ndarray, output: str) -> np.ndarray:
-        start = time.perf_counter()
-        result = self.package.run(batch, output)
-        name = self.package.card.name
-        metrics.INFERENCE_SECONDS.labels(name, output).observe(time.perf_counter() - start)
-        metrics.BATCH_SIZE.labels(name, output).observe(len(batch))
-        return result
-
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=SHED_AFTER_MS)
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self._run(batch, "logits")
-
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=SHED_AFTER_MS)
-    def embeddings(self, batch: np.ndarray) -> np.ndarray:
-        return self._run(batch, "embedding")
+class Nucleus(BaseModel):
+    id: int
+    centroid: list[float] = Field(description="(x, y) in pixels of the tile sent")
+    area_px: int
+    area_um2: float | None = Field(None, description="With pixel_size_um")
+    bbox: list[int] = Field(description="[x0, y0, x1, y1), pixels")
+    contour: list[list[float]] = Field(description="Closed outer polygon, (x, y) pixel coordinates")
 
 
-@bentoml.asgi_app(cases_app, path="/")
-@bentoml.service(name="medcl", workers=1, threads=16, traffic={"timeout": 60, "max_concurrency": 256})
+class Segmentation(BaseModel):
+    image: str = Field(description="The file name or images_base64[i] it answers")
+    width: int
+    height: int
+    count: int = Field(description="Nuclei found")
+    nuclei: list[Nucleus]
+    pixel_size_um: float | None
+    label_png_base64: str | None = Field(None, description="16-bit label image (0 = background), with return_mask")
+    geojson: dict | None = Field(None, description="FeatureCollection QuPath imports, with return_geojson")
+    model: str
+    model_version: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    default: bool
+    version: str
+    task: str
+    method: str
+    classes: list[str]
+    input_size: int
+    embedding_dim: int | None
+    provider: str = Field(description="Execution provider that really runs it: TensorRT, CUDA or CPU")
+    metrics: dict
+
+
+# --- model services: one per served model, each its own process -----------------------------------
+
+def _model_info_metric(package: ModelPackage, name: str) -> None:
+    metrics.MODEL_INFO.labels(name, package.card.version, package.provider).set(1)
+
+
+def classifier_service(name: str, package_dir: Path) -> type:
+    @bentoml.service(name=f"medcl-model-{name}", workers=1, traffic={"timeout": 60})
+    class ClassifierModel:
+        """An encoder's onnxruntime session; its two methods batch requests from all API workers together."""
+
+        def __init__(self) -> None:
+            self.package = ModelPackage(package_dir)
+            _model_info_metric(self.package, name)
+
+        def _run(self, batch: np.ndarray, output: str) -> np.ndarray:
+            start = time.perf_counter()
+            result = self.package.run(batch, output)
+            metrics.INFERENCE_SECONDS.labels(name, output).observe(time.perf_counter() - start)
+            metrics.BATCH_SIZE.labels(name, output).observe(len(batch))
+            return result
+
+        @bentoml.api
+        def provider(self) -> str:
+            return self.package.provider
+
+        @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=SHED_AFTER_MS)
+        def logits(self, batch: np.ndarray) -> np.ndarray:
+            return self._run(batch, "logits")
+
+        @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=SHED_AFTER_MS)
+        def embeddings(self, batch: np.ndarray) -> np.ndarray:
+            return self._run(batch, "embedding")
+
+    return ClassifierModel
+
+
+def segmenter_service(name: str, package_dir: Path) -> type:
+    @bentoml.service(name=f"medcl-model-{name}", workers=1, traffic={"timeout": 120})
+    class SegmenterModel:
+        """A nuclei segmenter's session: tiles of any size, cut into overlapping windows and stitched exactly."""
+
+        def __init__(self) -> None:
+            self.package = ModelPackage(package_dir)
+            self.spec = self.package.card.segmentation
+            _model_info_metric(self.package, name)
+
+        @bentoml.api
+        def provider(self) -> str:
+            return self.package.provider
+
+        @bentoml.api
+        def nuclei(self, image: np.ndarray) -> np.ndarray:
+            """(3, H, W) float32 in [0, 1] -> (H, W) nuclei probability."""
+            start = time.perf_counter()
+            result = sliding_window(image, lambda b: self.package.run(b, "nuclei"), self.spec.window,
+                                    self.spec.receptive_radius)[0]
+            metrics.INFERENCE_SECONDS.labels(name, "nuclei").observe(time.perf_counter() - start)
+            return result
+
+    return SegmenterModel
+
+
+MODELS: ModelsConfig = configured_models()
+CARDS: dict[str, Card] = {m.name: Card.load(m.package_dir()) for m in MODELS.models}
+# Each model service is a class attribute of the API (BentoML finds dependencies among its attributes).
+_DEPENDENCY_ATTR = {name: f"model_{i}" for i, name in enumerate(CARDS)}
+
+
 class Medcl:
-    """HTTP API. Images arrive as multipart field ``images`` (one or several files)."""
-
-    model = bentoml.depends(EncoderModel)
+    """HTTP API. Images arrive as multipart field ``images`` (one or several files) or base64 in JSON."""
 
     def __init__(self) -> None:
         if KEYS is not None and not KEYS.configured:
@@ -137,30 +222,60 @@ class Medcl:
                                "MEDCL_API_KEYS_FILE (`medcl keys new` writes one), or MEDCL_AUTH=off on a closed network")
         if KEYS is None:
             log.warning("MEDCL_AUTH=off: every endpoint is open to anyone who can reach this port")
-        package = default_package_dir()
-        self.card = Card.load(package)
-        # The case index of exactly this model version: embeddings of versions are never mixed.
-        self.index = open_index(self.card.name, self.card.version, self.card.architecture.embedding_dim)
-        self.update_index_gauge()
+        self.cards = CARDS
+        self.default_model = MODELS.default_name
+        self.card = self.cards[self.default_model]
+        # One case index per encoder and version: embeddings of different models or versions never mix.
+        self.indexes = {name: open_index(card.name, card.version, card.architecture.embedding_dim)
+                        for name, card in self.cards.items() if card.task != "segment"}
+        self._providers: dict[str, str] = {}
+        for name in self.indexes:
+            self.update_index_gauge(name)
 
-    def update_index_gauge(self) -> None:
-        metrics.INDEX_CASES.labels(self.card.name, self.card.version).set(self.index.count())
+    # -- which model ---------------------------------------------------------------------------
+    def resolve(self, model: str | None, endpoint: str, tasks: tuple[str, ...]) -> tuple[str, Card]:
+        name = model or self.default_model
+        if model is None and self.cards[name].task not in tasks:
+            # the default is of another kind (e.g. a segmenter): the first model that fits
+            name = next((n for n, c in self.cards.items() if c.task in tasks), name)
+        card = self.cards.get(name)
+        if card is None:
+            metrics.ERRORS.labels(endpoint, "unknown_model").inc()
+            raise NotFound(f"no model {name!r}; served: {', '.join(self.cards)} (GET /models)")
+        if card.task not in tasks:
+            metrics.ERRORS.labels(endpoint, "wrong_task").inc()
+            raise InvalidArgument(f"model {name!r} is a {card.task} model; {endpoint} needs one of: {', '.join(tasks)}")
+        return name, card
+
+    def index_for(self, model: str | None, endpoint: str):
+        name, _ = self.resolve(model, endpoint, ("classify", "embed"))
+        return name, self.indexes[name]
+
+    def update_index_gauge(self, name: str | None = None) -> None:
+        name = name or self.default_model
+        if name in self.indexes:
+            card = self.cards[name]
+            metrics.INDEX_CASES.labels(card.name, card.version).set(self.indexes[name].count())
 
     @bentoml.on_shutdown
     def _close_index(self) -> None:
-        self.index.close()  # saves the HNSW graph, if any, so the next start need not rebuild it
+        for index in self.indexes.values():
+            index.close()  # saves the HNSW graph, if any, so the next start need not rebuild it
 
-    def _call_model(self, output: str, batch: np.ndarray, endpoint: str) -> np.ndarray:
-        """Call the model service, retrying connection-level failures: inference is idempotent.
+    def _service_of(self, name: str):
+        return getattr(self, _DEPENDENCY_ATTR[name])
+
+    def _call_model(self, name: str, method: str, payload: np.ndarray, endpoint: str) -> np.ndarray:
+        """Call a model service, retrying connection-level failures: inference is idempotent.
 
         BentoML 1.4's internal client keeps pooled connections alive for 15 s but the dependent
         service's uvicorn closes them after 5 s, so the first burst after an idle gap can hit a
         closed connection (bentoml/BentoML#4971). Seen here as 17 of 300 requests failing with 500.
         """
-        call = self.model.logits if output == "logits" else self.model.embeddings
+        call = getattr(self._service_of(name), method)
         for attempt in range(3):
             try:
-                return call(batch)
+                return call(payload)
             except aiohttp.ClientConnectionError:
                 metrics.ERRORS.labels(endpoint, "model_connection_retry").inc()
                 if attempt == 2:
@@ -199,51 +314,127 @@ class Medcl:
                 raise InvalidArgument(f"{name} is not valid base64") from None
         return out
 
-    def _prepare(self, uploads: list[tuple[str, bytes]], endpoint: str) -> np.ndarray:
-        pixels = []
-        for i, (name, data) in enumerate(uploads):
-            try:
-                pixels.append(to_model_pixels(decode_image(data, MAX_PIXELS, SERVICE_FORMATS), self.card.preprocess))
-            except ImageTooLargeError as e:
-                metrics.ERRORS.labels(endpoint, "too_many_pixels").inc()
-                raise PayloadTooLarge(f"image {i} ({name}): {e}") from None
-            except ImageDecodeError as e:
-                metrics.ERRORS.labels(endpoint, "undecodable").inc()
-                raise InvalidArgument(f"image {i} ({name}): {e}") from None
-        metrics.IMAGES.labels(endpoint, self.card.name).inc(len(pixels))
-        return normalise(np.stack(pixels), self.card.preprocess)
+    def _decode(self, index: int, name: str, data: bytes, endpoint: str, max_pixels: int = MAX_PIXELS):
+        try:
+            return decode_image(data, max_pixels, SERVICE_FORMATS)
+        except ImageTooLargeError as e:
+            metrics.ERRORS.labels(endpoint, "too_many_pixels").inc()
+            raise PayloadTooLarge(f"image {index} ({name}): {e}") from None
+        except ImageDecodeError as e:
+            metrics.ERRORS.labels(endpoint, "undecodable").inc()
+            raise InvalidArgument(f"image {index} ({name}): {e}") from None
+
+    def _prepare(self, uploads: list[tuple[str, bytes]], endpoint: str, model: str, card: Card) -> np.ndarray:
+        pixels = [to_model_pixels(self._decode(i, name, data, endpoint), card.preprocess)
+                  for i, (name, data) in enumerate(uploads)]
+        metrics.IMAGES.labels(endpoint, model).inc(len(pixels))
+        return normalise(np.stack(pixels), card.preprocess)
 
     @bentoml.api(route="/classify")
     def classify(self, images: list[Path] = Field(default_factory=list), images_base64: list[str] = IMAGES_BASE64,
-                 top_k: Annotated[int, Field(ge=1, le=100)] = 5) -> list[Prediction]:
+                 top_k: Annotated[int, Field(ge=1, le=100)] = 5, model: str | None = MODEL_FIELD) -> list[Prediction]:
         """Class, probability and top-k classes for each image, in the order sent."""
-        batch = self._prepare(self._uploads(images, images_base64, "classify"), "classify")
-        probs = softmax(self._call_model("logits", batch, "classify"))
+        name, card = self.resolve(model, "classify", ("classify",))
+        batch = self._prepare(self._uploads(images, images_base64, "classify"), "classify", name, card)
+        probs = softmax(self._call_model(name, "logits", batch, "classify"))
         out = []
         for row in probs:
-            best = most_probable(row, self.card.class_names, top_k)
+            best = most_probable(row, card.class_names, top_k)
             out.append(Prediction(label=best[0][0], score=best[0][1],
-                                  top_k=[ClassScore(label=name, probability=p) for name, p in best],
-                                  model_version=self.card.version))
+                                  top_k=[ClassScore(label=label, probability=p) for label, p in best],
+                                  model=name, model_version=card.version))
         return out
 
     @bentoml.api(route="/embed")
-    def embed(self, images: list[Path] = Field(default_factory=list),
-              images_base64: list[str] = IMAGES_BASE64) -> list[Embedding]:
+    def embed(self, images: list[Path] = Field(default_factory=list), images_base64: list[str] = IMAGES_BASE64,
+              model: str | None = MODEL_FIELD) -> list[Embedding]:
         """The L2-normalised embedding of each image, in the order sent."""
-        batch = self._prepare(self._uploads(images, images_base64, "embed"), "embed")
-        vectors = self._call_model("embedding", batch, "embed")
-        return [Embedding(embedding=v.astype(float).tolist(), dim=int(v.shape[0]), model_version=self.card.version)
-                for v in vectors]
+        name, card = self.resolve(model, "embed", ("classify", "embed"))
+        batch = self._prepare(self._uploads(images, images_base64, "embed"), "embed", name, card)
+        vectors = self._call_model(name, "embeddings", batch, "embed")
+        return [Embedding(embedding=v.astype(float).tolist(), dim=int(v.shape[0]), model=name,
+                          model_version=card.version) for v in vectors]
+
+    @bentoml.api(route="/segment")
+    def segment(self, images: list[Path] = Field(default_factory=list), images_base64: list[str] = IMAGES_BASE64,
+                pixel_size_um: Annotated[float | None, Field(gt=0, le=100)] = None,
+                return_mask: bool = False, return_geojson: bool = False,
+                model: str | None = MODEL_FIELD) -> list[Segmentation]:
+        """Nuclei instances in each tile: count, centroid, area, bounding box and contour of each nucleus;
+        optionally the label image (16-bit PNG) and a GeoJSON FeatureCollection for QuPath. Tiles larger
+        than the network's window are processed in overlapping windows and stitched without seams."""
+        name, card = self.resolve(model, "segment", ("segment",))
+        spec = card.segmentation
+        rules = InstanceRules(threshold=spec.threshold, open_radius=spec.open_radius, close_radius=spec.close_radius,
+                              min_area=spec.min_area, min_distance=spec.min_distance,
+                              threshold_rule=spec.threshold_rule)
+        out = []
+        for i, (filename, data) in enumerate(self._uploads(images, images_base64, "segment")):
+            image = to_rgb(self._decode(i, filename, data, "segment", MAX_SEGMENT_PIXELS))
+            probability = self._nuclei_map(name, image, spec.pixel_size_um, pixel_size_um)
+            labels = instances_from_probability(probability, rules)
+            nuclei = describe_instances(labels, pixel_size_um)
+            metrics.IMAGES.labels("segment", name).inc()
+            metrics.NUCLEI_PER_TILE.labels(name).observe(len(nuclei))
+            out.append(Segmentation(
+                image=filename, width=image.width, height=image.height, count=len(nuclei),
+                nuclei=[Nucleus(**n) for n in nuclei], pixel_size_um=pixel_size_um,
+                label_png_base64=base64.b64encode(label_png(labels)).decode() if return_mask else None,
+                geojson=geojson(nuclei, card.version) if return_geojson else None,
+                model=name, model_version=card.version))
+        return out
+
+    def _nuclei_map(self, name: str, image, model_um: float | None, tile_um: float | None) -> np.ndarray:
+        """The nuclei map at the tile's own pixels. A tile at another resolution than the model's
+        (both pixel sizes known, more than 10% apart) is resampled to the model's for inference and
+        the map resampled back, so a 20x tile meets a 40x model at the scale it learned."""
+        from PIL import Image
+
+        factor = tile_um / model_um if model_um and tile_um else 1.0
+        work = image
+        if abs(factor - 1.0) > 0.1:
+            size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+            if size[0] * size[1] > MAX_SEGMENT_PIXELS:
+                metrics.ERRORS.labels("segment", "too_many_pixels").inc()
+                raise PayloadTooLarge(f"at the model's {model_um} µm/px the tile would be {size[0]}x{size[1]} px; "
+                                      f"the limit is {MAX_SEGMENT_PIXELS} pixels")
+            work = image.resize(size, Image.Resampling.BICUBIC)
+        chw = np.ascontiguousarray(np.asarray(work, dtype=np.float32).transpose(2, 0, 1)) / 255.0
+        probability = self._call_model(name, "nuclei", chw, "segment")
+        if work is not image:
+            probability = np.asarray(Image.fromarray(probability.astype(np.float32), mode="F").resize(
+                image.size, Image.Resampling.BILINEAR))
+        return probability
+
+    def models_info(self) -> list[ModelInfo]:
+        """Every served model; the provider is asked of the model's own process (what really runs)."""
+        out = []
+        for name, card in self.cards.items():
+            if name not in self._providers:
+                try:
+                    self._providers[name] = self._service_of(name).provider()
+                except Exception:  # noqa: BLE001 - a model process still starting must not fail the listing
+                    out.append(self._info(name, card, "unknown (model service not ready)"))
+                    continue
+            out.append(self._info(name, card, self._providers[name]))
+        return out
+
+    def _info(self, name: str, card: Card, provider: str) -> ModelInfo:
+        return ModelInfo(name=name, default=name == self.default_model, version=card.version, task=card.task,
+                         method=card.method,
+                         classes=[] if card.task == "segment" else card.class_names,
+                         input_size=card.preprocess.input_size,
+                         embedding_dim=None if card.task == "segment" else card.architecture.embedding_dim,
+                         provider=provider, metrics=card.metrics)
 
     def _query_vectors(self, uploads: list[tuple[str, bytes]], vectors: list[list[float]],
-                       endpoint: str) -> np.ndarray | list:
+                       endpoint: str, name: str, card: Card) -> np.ndarray | list:
         if uploads and vectors:
             metrics.ERRORS.labels(endpoint, "images_and_vectors").inc()
             raise InvalidArgument("send images or vectors, not both")
         if vectors:
             return vectors
-        return self._call_model("embedding", self._prepare(uploads, endpoint), endpoint)
+        return self._call_model(name, "embeddings", self._prepare(uploads, endpoint, name, card), endpoint)
 
     def _uploads_or_vectors(self, images: list[Path], encoded: list[str], vectors: list[list[float]],
                             endpoint: str) -> list[tuple[str, bytes]]:
@@ -267,19 +458,21 @@ class Medcl:
                k: Annotated[int, Field(ge=1, le=1000)] = 10,
                label: str | None = None, case_id: str | None = None, slide_id: str | None = None,
                site: str | None = None, date_from: datetime | None = None, date_to: datetime | None = None,
-               model_version: str | None = Field(None, description="The version that made `vectors`; checked")
-               ) -> list[SearchResult]:
+               model_version: str | None = Field(None, description="The version that made `vectors`; checked"),
+               model: str | None = MODEL_FIELD) -> list[SearchResult]:
         """The k most similar indexed cases for each query image or vector, with the majority-vote label."""
+        name, index = self.index_for(model, "search")
+        card = self.cards[name]
         queries = self._query_vectors(self._uploads_or_vectors(images, images_base64, vectors, "search"), vectors,
-                                      "search")
+                                      "search", name, card)
         where = SearchFilter(label=label, case_id=case_id, slide_id=slide_id, site=site, date_from=date_from,
                              date_to=date_to)
         start = time.perf_counter()
         try:
-            results = self.index.search(queries, k=k, where=where, model_version=model_version if vectors else None)
+            results = index.search(queries, k=k, where=where, model_version=model_version if vectors else None)
         except CaseIndexError as e:
             raise self._index_error("search", e) from None
-        metrics.SEARCH_SECONDS.labels(self.card.name, self.card.version).observe(time.perf_counter() - start)
+        metrics.SEARCH_SECONDS.labels(card.name, card.version).observe(time.perf_counter() - start)
         return results
 
     @bentoml.api(route="/cases")
@@ -287,13 +480,15 @@ class Medcl:
                   vectors: list[list[float]] = Field(default_factory=list),
                   metadata: list[CaseMetadata] = Field(default_factory=list,
                                                        description="One entry per image or vector, in order"),
-                  model_version: str | None = None) -> CasesAdded:
+                  model_version: str | None = None, model: str | None = MODEL_FIELD) -> CasesAdded:
         """Add cases (images, embedded by this model, or its vectors) with metadata; ids come back once durable.
 
         A posted image is kept (content-addressed) so a later model version can re-embed it; its
         source_uri records that copy unless the client gave its own."""
+        name, index = self.index_for(model, "cases")
+        card = self.cards[name]
         uploads = self._uploads_or_vectors(images, images_base64, vectors, "cases")
-        queries = self._query_vectors(uploads, vectors, "cases")
+        queries = self._query_vectors(uploads, vectors, "cases", name, card)
         n = len(queries)
         if metadata and len(metadata) != n:
             metrics.ERRORS.labels("cases", "metadata_count").inc()
@@ -304,12 +499,20 @@ class Medcl:
             metadata = [m if m.source_uri else m.model_copy(update={"source_uri": store_source(root, data)})
                         for m, (_, data) in zip(metadata, uploads)]
         try:
-            ids = self.index.add(queries, metadata, model_version=model_version if vectors else None)
+            ids = index.add(queries, metadata, model_version=model_version if vectors else None)
         except CaseIndexError as e:
             raise self._index_error("cases", e) from None
-        self.update_index_gauge()
-        return CasesAdded(ids=ids, model_version=self.card.version)
+        self.update_index_gauge(name)
+        return CasesAdded(ids=ids, model_version=card.version)
 
+
+for _name, _card in CARDS.items():
+    _factory = segmenter_service if _card.task == "segment" else classifier_service
+    setattr(Medcl, _DEPENDENCY_ATTR[_name], bentoml.depends(_factory(_name, next(
+        m.package_dir() for m in MODELS.models if m.name == _name))))
+
+Medcl = bentoml.asgi_app(extra_app, path="/")(
+    bentoml.service(name="medcl", workers=1, threads=16, traffic={"timeout": 120, "max_concurrency": 256})(Medcl))
 
 # Outermost first: the request log sees every answer, including the limit's 413s and the keys' 401s.
 Medcl.add_asgi_middleware(RequestContextMiddleware)

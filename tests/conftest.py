@@ -72,8 +72,9 @@ def service_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def running_service(package: Path, folder: Path, **env_extra: str) -> Iterator[str]:
-    """A real `medcl serve` (BentoML + onnxruntime) on loopback with its own index; yields its URL."""
+def running_service(package: Path | None, folder: Path, models: str | None = None, **env_extra: str) -> Iterator[str]:
+    """A real `medcl serve` (BentoML + onnxruntime) on loopback with its own index; yields its URL.
+    ``models`` (NAME=DIR,...) serves several models instead of one package."""
     import httpx
 
     port = free_port()
@@ -82,8 +83,8 @@ def running_service(package: Path, folder: Path, **env_extra: str) -> Iterator[s
                MEDCL_INDEX=f"embedded://{folder / 'index'}", MEDCL_AUTH="on",
                MEDCL_API_KEYS=f"{ADMIN_KEY}:admin,{READ_KEY}:read", **env_extra)
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "medcl.cli", "serve", "--package", str(package),
-                                 "--port", str(port)], stdout=f, stderr=subprocess.STDOUT, env=env,
+        what = ["--models", models] if models else ["--package", str(package)]
+        proc = subprocess.Popen([sys.executable, "-m", "medcl.cli", "serve", *what, "--port", str(port)], stdout=f, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -123,3 +124,31 @@ def api(service_url: str):
 
     with httpx.Client(base_url=service_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as client:
         yield client
+
+
+# --- a tiny nuclei segmenter and a service with two models (segmentation and README tests) --------
+
+@pytest.fixture(scope="session")
+def segmenter_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    from training.nuclei import load_segmenter_config, train_segmenter
+
+    config = load_segmenter_config(REPO_ROOT / "configs" / "demo-nuclei.yaml", {
+        "output_dir": str(tmp_path_factory.mktemp("seg-runs")), "name": "tiny-nuclei",
+        "schedule.steps": 30, "schedule.eval_every": 10, "schedule.batch": 4, "schedule.crop": 160,
+        "schedule.min_steps": 30})
+    return train_segmenter(config, progress=False)
+
+
+@pytest.fixture(scope="session")
+def segmenter_package(segmenter_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.onnx_export import export_onnx
+
+    return export_onnx(segmenter_run, tmp_path_factory.mktemp("seg-packages") / "tiny-nuclei", parity_data=REPO_ROOT / "demo" / "he-tiles")
+
+
+@pytest.fixture(scope="session")
+def two_model_service(tiny_package: Path, segmenter_package: Path, tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("two-models")
+    with running_service(None, folder, models=f"demo-bloodmnist={tiny_package},demo-nuclei={segmenter_package}") as url:
+        yield url

@@ -1,0 +1,238 @@
+"""Nuclei segmentation: metrics, exact tiling, instances and GeoJSON, the self-supervised network,
+its ONNX export, and /segment + GET /models over real HTTP with two models served at once."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medcl.segmentation import (InstanceRules, aji, classical_instances, describe_instances, dice, geojson,
+                                instances_from_mask, label_png, panoptic_quality, segmentation_scores, sliding_window)
+from tests.conftest import ADMIN_KEY, REPO_ROOT, shared
+
+HE_TILES = REPO_ROOT / "demo" / "he-tiles"
+
+
+def _squares() -> np.ndarray:
+    labels = np.zeros((40, 60), np.int32)
+    labels[5:15, 5:15] = 1  # 100 px
+    labels[20:30, 30:50] = 2  # 200 px
+    return labels
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+def test_metrics_are_one_for_a_perfect_answer_and_zero_for_a_disjoint_one() -> None:
+    truth = _squares()
+    assert dice(truth, truth) == aji(truth, truth) == panoptic_quality(truth, truth)["pq"] == 1.0
+    shifted = np.zeros_like(truth)
+    shifted[32:38, 0:6] = 1
+    assert dice(shifted, truth) == 0.0 and aji(truth, shifted) == 0.0 and panoptic_quality(truth, shifted)["pq"] == 0.0
+
+
+def test_aji_and_pq_on_a_hand_computed_case() -> None:
+    truth = _squares()
+    pred = np.zeros_like(truth)
+    pred[5:15, 5:10] = 1  # half of nucleus 1: IoU 0.5 exactly (not a PQ match)
+    pred[20:30, 30:50] = 2  # nucleus 2 exactly
+    pred[0:2, 55:60] = 3  # a false positive of 10 px
+    # AJI: intersections 50 + 200; unions 100 + 200, plus the unpaired prediction's 10 px
+    assert aji(truth, pred) == pytest.approx(250 / 310)
+    pq = panoptic_quality(truth, pred)
+    # one match (IoU 1), one false negative, two false positives -> DQ = 1 / (1 + 0.5 * 1 + 0.5 * 2)
+    assert pq["dq"] == pytest.approx(1 / 2.5) and pq["sq"] == pytest.approx(1.0)
+    assert dice(pred, truth) == pytest.approx(2 * 250 / (260 + 300))
+
+
+# --- instances ------------------------------------------------------------------------------------
+
+def test_touching_nuclei_are_split_by_the_watershed() -> None:
+    yy, xx = np.mgrid[0:60, 0:90]
+    two_discs = ((yy - 30) ** 2 + (xx - 30) ** 2 < 15 ** 2) | ((yy - 30) ** 2 + (xx - 56) ** 2 < 15 ** 2)
+    assert instances_from_mask(two_discs).max() == 2
+    assert instances_from_mask(two_discs, InstanceRules(min_distance=0)).max() == 1
+
+
+def test_instances_are_described_with_closed_contours_and_um2_areas() -> None:
+    nuclei = describe_instances(_squares(), pixel_size_um=0.25)
+    assert [n["area_px"] for n in nuclei] == [100, 200]
+    first = nuclei[0]
+    assert first["bbox"] == [5, 5, 15, 15]
+    assert first["centroid"] == [9.5, 9.5]
+    assert first["area_um2"] == pytest.approx(100 * 0.0625)
+    assert first["contour"][0] == first["contour"][-1]
+    xs, ys = zip(*first["contour"])
+    assert min(xs) >= 4.5 and max(xs) <= 15.5 and min(ys) >= 4.5 and max(ys) <= 15.5
+    collection = geojson(nuclei, "v1")
+    assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 2
+    feature = collection["features"][1]
+    assert feature["geometry"]["type"] == "Polygon"
+    assert feature["properties"]["objectType"] == "detection"
+    assert feature["properties"]["measurements"]["area_px"] == 200
+
+
+def test_label_png_round_trips_16_bit_ids() -> None:
+    labels = np.zeros((20, 20), np.int32)
+    labels[2:5, 2:5] = 300
+    back = np.asarray(Image.open(io.BytesIO(label_png(labels))))
+    assert back.dtype == np.uint16 and back.max() == 300 and (back > 0).sum() == 9
+
+
+# --- the network and exact tiling -----------------------------------------------------------------
+
+def _he_image(scale: float = 2.0) -> np.ndarray:
+    from training.nuclei import read_rgb
+
+    return read_rgb(sorted(HE_TILES.glob("TUM*.png"))[0], scale)
+
+
+def test_confidence_network_size_and_exact_sliding_window() -> None:
+    torch = pytest.importorskip("torch")
+    from training.nuclei import ConfidenceNetwork, PatchFeatures, parameter_count
+
+    network, features = ConfidenceNetwork(2).eval(), PatchFeatures()
+    assert parameter_count(network) == 7354 and parameter_count(network, features) == 11106
+    rgb = _he_image()[:400, :330]  # not a multiple of anything
+    chw = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255.0
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return network(torch.from_numpy(batch)).numpy()
+
+    whole = run(chw[None])[0]
+    tiled = sliding_window(chw, run, window=200, margin=network.receptive_radius // 2 + 1)
+    exact = sliding_window(chw, run, window=200, margin=network.receptive_radius)
+    assert np.abs(exact - whole).max() < 1e-5, "tiles overlapping by the receptive field must stitch exactly"
+    assert np.abs(tiled - whole).max() > 1e-4, "a margin below the receptive field should show seams (test is live)"
+
+
+def test_classical_baseline_finds_nuclei_on_a_real_monuseg_tile() -> None:
+    folder = shared("monuseg", "test")
+    name = sorted((folder / "images").glob("*.png"))[0].name
+    rgb = np.asarray(Image.open(folder / "images" / name).convert("RGB"))
+    truth = np.asarray(Image.open(folder / "instances" / name)).astype(np.int64)
+    scores = segmentation_scores(truth, classical_instances(rgb))
+    assert scores["dice"] > 0.5 and scores["aji"] > 0.2, scores
+
+
+# --- training, export, and the service -------------------------------------------------------------
+
+def test_training_writes_a_card_with_a_label_free_channel_choice(segmenter_run: Path) -> None:
+    from medcl.card import Card
+
+    card = Card.load(segmenter_run)
+    assert card.task == "segment" and card.segmentation is not None
+    assert card.segmentation.channel_rule.startswith("highest correlation with haematoxylin")
+    assert card.training["parameters"] == 11106
+    history = json.loads((segmenter_run / "history.json").read_text())
+    assert any("probe_loss" in h for h in history)
+
+
+def test_export_is_dynamic_in_size_and_equal_to_torch(segmenter_run: Path, segmenter_package: Path) -> None:
+    torch = pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    from medcl.card import Card
+    from training.nuclei import load_segmenter
+
+    card = Card.load(segmenter_package)
+    assert card.onnx.output_names == ["nuclei"]
+    assert max(v for k, v in card.onnx.parity.items() if k.startswith("max_abs_diff")) <= 1e-4
+    # recomputed here, independently, at a size the export never saw
+    network, _ = load_segmenter(segmenter_run)
+    rgb = _he_image()[:333, :281]
+    x = (np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255.0)[None]
+    with torch.no_grad():
+        ref = network(torch.from_numpy(x)).numpy()[:, card.segmentation.nuclei_channel:card.segmentation.nuclei_channel + 1]
+    got = ort.InferenceSession(str(segmenter_package / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x})[0]
+    assert got.shape == (1, 1, 333, 281) and np.abs(got - ref).max() <= 1e-4
+
+
+def test_export_refuses_classifier_only_options(segmenter_run: Path, tmp_path: Path) -> None:
+    from export.onnx_export import export_onnx
+    from export.segmenter_export import SegmenterExportError
+
+    with pytest.raises(SegmenterExportError, match="classifiers only"):
+        export_onnx(segmenter_run, tmp_path / "x", parity_data=HE_TILES, variants=["int8"])
+    assert not (tmp_path / "x").exists()
+
+
+def _post(url: str, path: str, files: list[tuple[str, bytes]] | None = None, **data):
+    import httpx
+
+    return httpx.post(url + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120,
+                      files=[("images", f) for f in files or []], data=data)
+
+
+def test_models_lists_both_models_with_what_runs_them(two_model_service: str) -> None:
+    import httpx
+
+    models = httpx.get(f"{two_model_service}/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                       timeout=30).json()["models"]
+    by_name = {m["name"]: m for m in models}
+    assert set(by_name) == {"demo-bloodmnist", "demo-nuclei"}
+    assert by_name["demo-bloodmnist"]["default"] and by_name["demo-bloodmnist"]["task"] == "classify"
+    assert len(by_name["demo-bloodmnist"]["classes"]) == 8 and by_name["demo-bloodmnist"]["input_size"] == 28
+    assert by_name["demo-nuclei"]["task"] == "segment" and by_name["demo-nuclei"]["classes"] == []
+    assert {m["provider"] for m in models} == {"CPU"}
+    assert httpx.get(f"{two_model_service}/models", timeout=30).status_code == 401
+
+
+def test_segment_a_real_tile_larger_than_the_window(two_model_service: str) -> None:
+    folder = shared("monuseg", "test", "images")
+    path = sorted(folder.glob("*.png"))[1]
+    answer = _post(two_model_service, "/segment", [(path.name, path.read_bytes(), "image/png")],
+                   pixel_size_um="0.25", return_mask="true", return_geojson="true")
+    assert answer.status_code == 200, answer.text
+    (result,) = answer.json()
+    assert result["model"] == "demo-nuclei" and (result["width"], result["height"]) == (1000, 1000)
+    assert result["count"] == len(result["nuclei"]) > 20
+    first = result["nuclei"][0]
+    assert first["area_um2"] == pytest.approx(first["area_px"] * 0.0625, rel=1e-3)
+    x0, y0, x1, y1 = first["bbox"]
+    assert x0 <= first["centroid"][0] <= x1 and y0 <= first["centroid"][1] <= y1
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["label_png_base64"]))))
+    assert mask.shape == (1000, 1000) and len(np.unique(mask)) - 1 == result["count"]
+    assert len(result["geojson"]["features"]) == result["count"]
+
+
+def test_requests_name_a_model_and_wrong_ones_are_refused(two_model_service: str) -> None:
+    blood = shared("blood-photos")
+    photo = sorted(blood.rglob("*.jpg"))[0]
+    files = [(photo.name, photo.read_bytes(), "image/jpeg")]
+    default = _post(two_model_service, "/classify", files)
+    assert default.status_code == 200 and default.json()[0]["model"] == "demo-bloodmnist"
+    assert _post(two_model_service, "/classify", files, model="demo-bloodmnist").json()[0]["model"] == "demo-bloodmnist"
+    wrong_task = _post(two_model_service, "/classify", files, model="demo-nuclei")
+    assert wrong_task.status_code == 400 and "segment model" in wrong_task.text
+    unknown = _post(two_model_service, "/embed", files, model="retina")
+    assert unknown.status_code == 404 and "demo-bloodmnist" in unknown.text
+    # /segment without a model name goes to the segmenter, not the (classifier) default
+    tile = sorted(HE_TILES.glob("LYM*.png"))[0]
+    seg = _post(two_model_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")])
+    assert seg.status_code == 200 and seg.json()[0]["model"] == "demo-nuclei"
+    broken = _post(two_model_service, "/segment", [("x.png", b"\x89PNG not really", "image/png")])
+    assert broken.status_code == 400 and "x.png" in broken.text
+
+
+def test_a_tile_at_another_resolution_is_answered_in_its_own_pixels(two_model_service: str) -> None:
+    tile = sorted(HE_TILES.glob("TUM*.png"))[0]  # 224 px at 0.5 µm/px; the model's card says 0.25
+    answer = _post(two_model_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")],
+                   pixel_size_um="0.5", return_mask="true")
+    assert answer.status_code == 200, answer.text
+    (result,) = answer.json()
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["label_png_base64"]))))
+    assert (result["width"], result["height"]) == mask.shape[::-1] == (224, 224)
+    for nucleus in result["nuclei"]:
+        assert nucleus["area_um2"] == pytest.approx(nucleus["area_px"] * 0.25, rel=1e-3)
+        assert nucleus["bbox"][2] <= 224 and nucleus["bbox"][3] <= 224
+    too_big = _post(two_model_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")],
+                    pixel_size_um="100")
+    assert too_big.status_code == 413 and "limit" in too_big.text
