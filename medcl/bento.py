@@ -55,8 +55,11 @@ def stage_models(models: dict[str, Path], root: Path = REPO_ROOT, default: str |
 
 def build_bento(models: dict[str, Path], default: str | None = None) -> str:
     """Stage the models and run `bentoml build` (offline); returns the Bento tag."""
-    stage_models(models, default=default)
-    env = dict(os.environ)
+    listing = stage_models(models, default=default)
+    # BentoML records the service graph at build time, and each model is its own service, named after
+    # it: build with the same model list the Bento will serve.
+    env = {k: v for k, v in os.environ.items() if k not in ("MEDCL_MODELS", "MEDCL_PACKAGE", "MEDCL_MODEL")}
+    env["MEDCL_MODELS_FILE"] = str(listing)
     result = subprocess.run([sys.executable, "-m", "bentoml", "build", str(REPO_ROOT), "--output", "tag"],
                             capture_output=True, text=True, env=env, cwd=REPO_ROOT)
     if result.returncode != 0:

@@ -364,7 +364,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _client_call(args: argparse.Namespace, call: str) -> int:
-    """predict / embed: files in batches, one JSON line per file, in the order given."""
+    """predict / embed / segment: files in batches, one JSON line per file, in the order given."""
     from medcl.client import MedclClient
 
     files = [Path(f) for f in args.files]
@@ -374,7 +374,13 @@ def _client_call(args: argparse.Namespace, call: str) -> int:
     with MedclClient(args.url, api_key=args.api_key, retries=args.retries) as client:
         for i in range(0, len(files), args.batch_size):
             batch = files[i:i + args.batch_size]
-            answers = client.classify(batch, top_k=args.top_k) if call == "classify" else client.embed(batch)
+            if call == "classify":
+                answers = client.classify(batch, top_k=args.top_k, model=args.model)
+            elif call == "segment":
+                answers = client.segment(batch, pixel_size_um=args.pixel_size_um, return_geojson=args.geojson,
+                                         model=args.model)
+            else:
+                answers = client.embed(batch, model=args.model)
             for f, answer in zip(batch, answers):
                 print(json.dumps({"file": str(f), **answer}), flush=True)
     return 0
@@ -386,6 +392,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     return _client_call(args, "embed")
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    return _client_call(args, "segment")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -464,16 +474,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_index)
 
     for name, func, text in (("predict", cmd_predict, "classify image files with a running service"),
-                             ("embed", cmd_embed, "embed image files with a running service")):
+                             ("embed", cmd_embed, "embed image files with a running service"),
+                             ("segment", cmd_segment, "find nuclei in H&E tiles with a running service")):
         c = sub.add_parser(name, help=text + " (one JSON line per file)")
         c.add_argument("files", nargs="+", type=Path)
         c.add_argument("--url", default=os.environ.get("MEDCL_URL"), help="service URL (MEDCL_URL, default "
                                                                          "http://127.0.0.1:3000)")
         c.add_argument("--api-key", default=None, help="default: MEDCL_API_KEY")
-        c.add_argument("--batch-size", type=int, default=32)
+        c.add_argument("--batch-size", type=int, default=4 if name == "segment" else 32)
         c.add_argument("--retries", type=int, default=3)
+        c.add_argument("--model", help="which served model (default: the service's default for the task)")
         if name == "predict":
             c.add_argument("--top-k", type=int, default=3)
+        if name == "segment":
+            c.add_argument("--pixel-size-um", type=float, help="µm per pixel of the tiles (areas in µm², resampling)")
+            c.add_argument("--geojson", action="store_true", help="include a GeoJSON FeatureCollection per tile")
         c.set_defaults(func=func)
 
     b = sub.add_parser("bento", help="build a Bento (bentoml build, offline) that carries the models it serves")

@@ -80,12 +80,23 @@ class _Calls:
     """What each call sends: (method, path, idempotent, httpx arguments). Shared by both clients."""
 
     @staticmethod
-    def classify(images: Iterable[ImageInput], top_k: int = 5):
-        return "POST", "/classify", True, {"files": _files(images), "data": _form({"top_k": top_k})}
+    def classify(images: Iterable[ImageInput], top_k: int = 5, model: str | None = None):
+        return "POST", "/classify", True, {"files": _files(images), "data": _form({"top_k": top_k, "model": model})}
 
     @staticmethod
-    def embed(images: Iterable[ImageInput]):
-        return "POST", "/embed", True, {"files": _files(images)}
+    def embed(images: Iterable[ImageInput], model: str | None = None):
+        return "POST", "/embed", True, {"files": _files(images), "data": _form({"model": model})}
+
+    @staticmethod
+    def segment(images: Iterable[ImageInput], pixel_size_um: float | None = None, return_mask: bool = False,
+                return_geojson: bool = False, model: str | None = None):
+        fields = {"pixel_size_um": pixel_size_um, "return_mask": return_mask, "return_geojson": return_geojson,
+                  "model": model}
+        return "POST", "/segment", True, {"files": _files(images), "data": _form(fields)}
+
+    @staticmethod
+    def models():
+        return "GET", "/models", True, {}
 
     @staticmethod
     def search(images=None, vectors=None, k: int = 10, model_version: str | None = None, **filters):
@@ -159,11 +170,18 @@ class MedclClient(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def classify(self, images: Iterable[ImageInput], top_k: int = 5) -> list[dict]:
-        return self._request(*_Calls.classify(images, top_k))
+    def classify(self, images: Iterable[ImageInput], top_k: int = 5, model: str | None = None) -> list[dict]:
+        return self._request(*_Calls.classify(images, top_k, model))
 
-    def embed(self, images: Iterable[ImageInput]) -> list[dict]:
-        return self._request(*_Calls.embed(images))
+    def embed(self, images: Iterable[ImageInput], model: str | None = None) -> list[dict]:
+        return self._request(*_Calls.embed(images, model))
+
+    def segment(self, images: Iterable[ImageInput], pixel_size_um: float | None = None, return_mask: bool = False,
+                return_geojson: bool = False, model: str | None = None) -> list[dict]:
+        return self._request(*_Calls.segment(images, pixel_size_um, return_mask, return_geojson, model))
+
+    def models(self) -> list[dict]:
+        return self._request(*_Calls.models())["models"]
 
     def search(self, images: Iterable[ImageInput] | None = None, vectors: list[list[float]] | None = None,
                k: int = 10, model_version: str | None = None, **filters: Any) -> list[dict]:
@@ -216,11 +234,18 @@ class AsyncMedclClient(_Base):
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def classify(self, images: Iterable[ImageInput], top_k: int = 5) -> list[dict]:
-        return await self._request(*_Calls.classify(images, top_k))
+    async def classify(self, images: Iterable[ImageInput], top_k: int = 5, model: str | None = None) -> list[dict]:
+        return await self._request(*_Calls.classify(images, top_k, model))
 
-    async def embed(self, images: Iterable[ImageInput]) -> list[dict]:
-        return await self._request(*_Calls.embed(images))
+    async def embed(self, images: Iterable[ImageInput], model: str | None = None) -> list[dict]:
+        return await self._request(*_Calls.embed(images, model))
+
+    async def segment(self, images: Iterable[ImageInput], pixel_size_um: float | None = None,
+                      return_mask: bool = False, return_geojson: bool = False, model: str | None = None) -> list[dict]:
+        return await self._request(*_Calls.segment(images, pixel_size_um, return_mask, return_geojson, model))
+
+    async def models(self) -> list[dict]:
+        return (await self._request(*_Calls.models()))["models"]
 
     async def search(self, images: Iterable[ImageInput] | None = None, vectors: list[list[float]] | None = None,
                      k: int = 10, model_version: str | None = None, **filters: Any) -> list[dict]:

@@ -335,6 +335,7 @@ class Medcl:
                  top_k: Annotated[int, Field(ge=1, le=100)] = 5, model: str | None = MODEL_FIELD) -> list[Prediction]:
         """Class, probability and top-k classes for each image, in the order sent."""
         name, card = self.resolve(model, "classify", ("classify",))
+        started = time.perf_counter()
         batch = self._prepare(self._uploads(images, images_base64, "classify"), "classify", name, card)
         probs = softmax(self._call_model(name, "logits", batch, "classify"))
         out = []
@@ -343,6 +344,7 @@ class Medcl:
             out.append(Prediction(label=best[0][0], score=best[0][1],
                                   top_k=[ClassScore(label=label, probability=p) for label, p in best],
                                   model=name, model_version=card.version))
+        metrics.observe_request(name, "classify", started)
         return out
 
     @bentoml.api(route="/embed")
@@ -350,8 +352,10 @@ class Medcl:
               model: str | None = MODEL_FIELD) -> list[Embedding]:
         """The L2-normalised embedding of each image, in the order sent."""
         name, card = self.resolve(model, "embed", ("classify", "embed"))
+        started = time.perf_counter()
         batch = self._prepare(self._uploads(images, images_base64, "embed"), "embed", name, card)
         vectors = self._call_model(name, "embeddings", batch, "embed")
+        metrics.observe_request(name, "embed", started)
         return [Embedding(embedding=v.astype(float).tolist(), dim=int(v.shape[0]), model=name,
                           model_version=card.version) for v in vectors]
 
@@ -364,6 +368,7 @@ class Medcl:
         optionally the label image (16-bit PNG) and a GeoJSON FeatureCollection for QuPath. Tiles larger
         than the network's window are processed in overlapping windows and stitched without seams."""
         name, card = self.resolve(model, "segment", ("segment",))
+        started = time.perf_counter()
         spec = card.segmentation
         rules = InstanceRules(threshold=spec.threshold, open_radius=spec.open_radius, close_radius=spec.close_radius,
                               min_area=spec.min_area, min_distance=spec.min_distance,
@@ -382,6 +387,7 @@ class Medcl:
                 label_png_base64=base64.b64encode(label_png(labels)).decode() if return_mask else None,
                 geojson=geojson(nuclei, card.version) if return_geojson else None,
                 model=name, model_version=card.version))
+        metrics.observe_request(name, "segment", started)
         return out
 
     def _nuclei_map(self, name: str, image, model_um: float | None, tile_um: float | None) -> np.ndarray:
@@ -462,6 +468,7 @@ class Medcl:
                model: str | None = MODEL_FIELD) -> list[SearchResult]:
         """The k most similar indexed cases for each query image or vector, with the majority-vote label."""
         name, index = self.index_for(model, "search")
+        started = time.perf_counter()
         card = self.cards[name]
         queries = self._query_vectors(self._uploads_or_vectors(images, images_base64, vectors, "search"), vectors,
                                       "search", name, card)
@@ -473,6 +480,7 @@ class Medcl:
         except CaseIndexError as e:
             raise self._index_error("search", e) from None
         metrics.SEARCH_SECONDS.labels(card.name, card.version).observe(time.perf_counter() - start)
+        metrics.observe_request(name, "search", started)
         return results
 
     @bentoml.api(route="/cases")
@@ -486,6 +494,7 @@ class Medcl:
         A posted image is kept (content-addressed) so a later model version can re-embed it; its
         source_uri records that copy unless the client gave its own."""
         name, index = self.index_for(model, "cases")
+        started = time.perf_counter()
         card = self.cards[name]
         uploads = self._uploads_or_vectors(images, images_base64, vectors, "cases")
         queries = self._query_vectors(uploads, vectors, "cases", name, card)
@@ -503,6 +512,7 @@ class Medcl:
         except CaseIndexError as e:
             raise self._index_error("cases", e) from None
         self.update_index_gauge(name)
+        metrics.observe_request(name, "cases", started)
         return CasesAdded(ids=ids, model_version=card.version)
 
 

@@ -64,7 +64,8 @@ def test_the_bento_carries_the_models_it_serves(tiny_package, tmp_path) -> None:
     assert carried.is_file()
     assert hashlib.sha256(carried.read_bytes()).digest() == hashlib.sha256((tiny_package / "model.onnx").read_bytes()).digest()
     bento_yaml = yaml.safe_load((src.parent / "bento.yaml").read_text())
-    assert {"name": "MEDCL_MODELS_FILE", "value": "/home/bentoml/bento/src/bento-models/models.yaml"} in bento_yaml["envs"]
+    envs = {e["name"]: e["value"] for e in bento_yaml["envs"]}
+    assert envs["MEDCL_MODELS_FILE"] == "/home/bentoml/bento/src/bento-models/models.yaml"
     assert not (src / "training").exists() and not (src / "tests").exists()
 
     port = free_port()
@@ -72,7 +73,8 @@ def test_the_bento_carries_the_models_it_serves(tiny_package, tmp_path) -> None:
                      MEDCL_INDEX=f"embedded://{tmp_path / 'index'}", MEDCL_HOME=str(tmp_path / "home"))
     serve_env.pop("MEDCL_PACKAGE", None)
     serve_env.pop("MEDCL_MODELS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", tag, "--port", str(port), "--host", "127.0.0.1"],
+    # served by its folder: the tag "medcl:VERSION" would read as module medcl, attribute VERSION
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", str(src.parent), "--port", str(port), "--host", "127.0.0.1"],
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"), env=serve_env,
                             start_new_session=True, cwd=tmp_path)
     try:
@@ -93,6 +95,9 @@ def test_the_bento_carries_the_models_it_serves(tiny_package, tmp_path) -> None:
     finally:
         import signal
 
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
     assert Path(REPO_ROOT / "bento-models" / "models.yaml").is_file()

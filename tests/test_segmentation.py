@@ -236,3 +236,35 @@ def test_a_tile_at_another_resolution_is_answered_in_its_own_pixels(two_model_se
     too_big = _post(two_model_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")],
                     pixel_size_um="100")
     assert too_big.status_code == 413 and "limit" in too_big.text
+
+
+def test_python_client_and_cli_segment(two_model_service: str) -> None:
+    import subprocess
+    import sys
+
+    from medcl.client import MedclClient
+
+    tiles = sorted(HE_TILES.glob("TUM*.png"))[:2]
+    with MedclClient(two_model_service, api_key=ADMIN_KEY) as client:
+        assert {m["name"] for m in client.models()} == {"demo-bloodmnist", "demo-nuclei"}
+        (answer,) = client.segment(tiles[:1], return_geojson=True)
+        assert answer["model"] == "demo-nuclei" and answer["geojson"]["type"] == "FeatureCollection"
+    cli = [sys.executable, "-m", "medcl.cli", "segment", "--url", two_model_service, "--api-key", ADMIN_KEY]
+    out = subprocess.run([*cli, *map(str, tiles)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(t) for t in tiles]
+    assert all(line["count"] == len(line["nuclei"]) for line in lines)
+    missing = subprocess.run([*cli, "no-such-tile.png"], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "no-such-tile.png" in missing.stderr
+
+
+def test_metrics_per_model_and_endpoint(two_model_service: str) -> None:
+    import httpx
+
+    tile = sorted(HE_TILES.glob("MUC*.png"))[0]
+    assert _post(two_model_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")]).status_code == 200
+    text = httpx.get(f"{two_model_service}/metrics", timeout=30).text
+    assert 'medcl_model_request_seconds_count{endpoint="segment",model="demo-nuclei"}' in text
+    assert 'medcl_nuclei_per_tile_count{model="demo-nuclei"}' in text
+    assert 'medcl_model_info{model="demo-nuclei"' in text and 'medcl_model_info{model="demo-bloodmnist"' in text
