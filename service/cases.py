@@ -61,6 +61,14 @@ async def list_models(request: Request) -> Response:
     return JSONResponse({"models": [m.model_dump() for m in models]})
 
 
+async def reload_models(request: Request) -> Response:
+    """Re-resolve every model (store aliases) and switch to changed versions without dropping requests.
+    Admin scope (service/middleware.py)."""
+    changes = await run_in_threadpool(bentoml.get_current_service().reload)
+    return JSONResponse({"changes": changes})
+
+
 extra_app = Starlette(routes=[Route("/models", list_models, methods=["GET"]),
+                              Route("/models/reload", reload_models, methods=["POST"]),
                               Route("/cases/{case_id}", get_case, methods=["GET"]),
                               Route("/cases/{case_id}", delete_case, methods=["DELETE"])])

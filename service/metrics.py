@@ -29,3 +29,5 @@ def observe_request(model: str, endpoint: str, started: float) -> None:
     import time
 
     MODEL_REQUEST_SECONDS.labels(model, endpoint).observe(time.perf_counter() - started)
+MODEL_SWITCHES = Counter("medcl_model_switches_total", "Versions switched to while running (promotions, rollbacks)",
+                         ["model"])

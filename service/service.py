@@ -15,7 +15,9 @@ import base64
 import binascii
 import logging
 import os
+import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
 from pathlib import Path
@@ -145,6 +147,47 @@ class ModelInfo(BaseModel):
 
 
 # --- model services: one per served model, each its own process -----------------------------------
+#
+# Each holds two slots, "a" and "b", so a new version (a promotion, a rollback) is loaded beside the
+# one in use and the API switches between them: requests already prepared for the old version's
+# card still reach the old session, and none is dropped. BentoML's batchable methods take exactly
+# one argument, so the slot is in the method's name (logits_a / logits_b).
+
+SLOTS = ("a", "b")
+
+
+class _Slots:
+    """The packages of one model service, by slot; shared by the classifier and segmenter services."""
+
+    def __init__(self, name: str, package_dir: Path) -> None:
+        self.name = name
+        self.packages: dict[str, ModelPackage | None] = {"a": ModelPackage(package_dir), "b": None}
+        _model_info_metric(self.packages["a"], name)
+
+    def get(self, slot: str) -> ModelPackage:
+        package = self.packages[slot]
+        if package is None:
+            raise ServiceUnavailable(f"model {self.name}: slot {slot} holds no model")
+        return package
+
+    def versions(self) -> dict[str, str | None]:
+        return {slot: (p.card.version if p else None) for slot, p in self.packages.items()}
+
+    def load(self, slot: str, package_dir: str) -> str:
+        if slot not in SLOTS:
+            raise InvalidArgument(f"slot must be one of {SLOTS}")
+        current = self.packages[slot]
+        incoming = Card.load(package_dir)
+        if current is not None and current.card.version == incoming.version:
+            return incoming.version
+        package = ModelPackage(package_dir)
+        self.packages[slot] = package
+        if current is not None and current.card.version not in self.versions().values():
+            metrics.MODEL_INFO.labels(self.name, current.card.version, current.provider).set(0)
+        _model_info_metric(package, self.name)
+        log.info("model %s: version %s loaded into slot %s", self.name, package.card.version, slot)
+        return package.card.version
+
 
 def _model_info_metric(package: ModelPackage, name: str) -> None:
     metrics.MODEL_INFO.labels(name, package.card.version, package.provider).set(1)
@@ -153,30 +196,45 @@ def _model_info_metric(package: ModelPackage, name: str) -> None:
 def classifier_service(name: str, package_dir: Path) -> type:
     @bentoml.service(name=f"medcl-model-{name}", workers=1, traffic={"timeout": 60})
     class ClassifierModel:
-        """An encoder's onnxruntime session; its two methods batch requests from all API workers together."""
+        """An encoder's onnxruntime sessions; the batchable methods batch requests from all API workers."""
 
         def __init__(self) -> None:
-            self.package = ModelPackage(package_dir)
-            _model_info_metric(self.package, name)
+            self.slots = _Slots(name, package_dir)
 
-        def _run(self, batch: np.ndarray, output: str) -> np.ndarray:
+        def _run(self, slot: str, batch: np.ndarray, output: str) -> np.ndarray:
             start = time.perf_counter()
-            result = self.package.run(batch, output)
+            result = self.slots.get(slot).run(batch, output)
             metrics.INFERENCE_SECONDS.labels(name, output).observe(time.perf_counter() - start)
             metrics.BATCH_SIZE.labels(name, output).observe(len(batch))
             return result
 
         @bentoml.api
         def provider(self) -> str:
-            return self.package.provider
+            return self.slots.get("a" if self.slots.packages["a"] else "b").provider
+
+        @bentoml.api
+        def versions(self) -> dict[str, str | None]:
+            return self.slots.versions()
+
+        @bentoml.api
+        def load(self, slot: str, package_dir: str) -> str:
+            return self.slots.load(slot, package_dir)
 
         @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=SHED_AFTER_MS)
-        def logits(self, batch: np.ndarray) -> np.ndarray:
-            return self._run(batch, "logits")
+        def logits_a(self, batch: np.ndarray) -> np.ndarray:
+            return self._run("a", batch, "logits")
 
         @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=SHED_AFTER_MS)
-        def embeddings(self, batch: np.ndarray) -> np.ndarray:
-            return self._run(batch, "embedding")
+        def logits_b(self, batch: np.ndarray) -> np.ndarray:
+            return self._run("b", batch, "logits")
+
+        @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=SHED_AFTER_MS)
+        def embeddings_a(self, batch: np.ndarray) -> np.ndarray:
+            return self._run("a", batch, "embedding")
+
+        @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=SHED_AFTER_MS)
+        def embeddings_b(self, batch: np.ndarray) -> np.ndarray:
+            return self._run("b", batch, "embedding")
 
     return ClassifierModel
 
@@ -184,33 +242,64 @@ def classifier_service(name: str, package_dir: Path) -> type:
 def segmenter_service(name: str, package_dir: Path) -> type:
     @bentoml.service(name=f"medcl-model-{name}", workers=1, traffic={"timeout": 120})
     class SegmenterModel:
-        """A nuclei segmenter's session: tiles of any size, cut into overlapping windows and stitched exactly."""
+        """A nuclei segmenter's sessions: tiles of any size, cut into overlapping windows and stitched exactly."""
 
         def __init__(self) -> None:
-            self.package = ModelPackage(package_dir)
-            self.spec = self.package.card.segmentation
-            _model_info_metric(self.package, name)
+            self.slots = _Slots(name, package_dir)
+
+        def _nuclei(self, slot: str, image: np.ndarray) -> np.ndarray:
+            package = self.slots.get(slot)
+            spec = package.card.segmentation
+            start = time.perf_counter()
+            result = sliding_window(image, lambda b: package.run(b, "nuclei"), spec.window, spec.receptive_radius)[0]
+            metrics.INFERENCE_SECONDS.labels(name, "nuclei").observe(time.perf_counter() - start)
+            return result
 
         @bentoml.api
         def provider(self) -> str:
-            return self.package.provider
+            return self.slots.get("a" if self.slots.packages["a"] else "b").provider
 
         @bentoml.api
-        def nuclei(self, image: np.ndarray) -> np.ndarray:
+        def versions(self) -> dict[str, str | None]:
+            return self.slots.versions()
+
+        @bentoml.api
+        def load(self, slot: str, package_dir: str) -> str:
+            return self.slots.load(slot, package_dir)
+
+        @bentoml.api
+        def nuclei_a(self, image: np.ndarray) -> np.ndarray:
             """(3, H, W) float32 in [0, 1] -> (H, W) nuclei probability."""
-            start = time.perf_counter()
-            result = sliding_window(image, lambda b: self.package.run(b, "nuclei"), self.spec.window,
-                                    self.spec.receptive_radius)[0]
-            metrics.INFERENCE_SECONDS.labels(name, "nuclei").observe(time.perf_counter() - start)
-            return result
+            return self._nuclei("a", image)
+
+        @bentoml.api
+        def nuclei_b(self, image: np.ndarray) -> np.ndarray:
+            return self._nuclei("b", image)
 
     return SegmenterModel
 
 
+@dataclass(frozen=True)
+class Active:
+    """What one served model answers with right now; a request reads it once and uses it throughout."""
+
+    name: str
+    slot: str
+    card: Card
+    package_dir: Path
+    index: object | None  # the case index of this version (None for segmenters)
+
+
 MODELS: ModelsConfig = configured_models()
-CARDS: dict[str, Card] = {m.name: Card.load(m.package_dir()) for m in MODELS.models}
+PACKAGE_DIRS: dict[str, Path] = {m.name: m.package_dir() for m in MODELS.models}
+CARDS: dict[str, Card] = {name: Card.load(d) for name, d in PACKAGE_DIRS.items()}
 # Each model service is a class attribute of the API (BentoML finds dependencies among its attributes).
 _DEPENDENCY_ATTR = {name: f"model_{i}" for i, name in enumerate(CARDS)}
+# Models named by a store reference (champion/challenger) are re-resolved this often, so a promotion
+# or rollback reaches the running service; 0 turns it off (POST /models/reload still works).
+FOLLOW_SECONDS = float(os.environ.get("MEDCL_FOLLOW_SECONDS", 10))
+# A replaced version's case index stays open this long for requests that started before the switch.
+RETIRE_AFTER_SECONDS = 120.0
 
 
 class Medcl:
@@ -222,57 +311,116 @@ class Medcl:
                                "MEDCL_API_KEYS_FILE (`medcl keys new` writes one), or MEDCL_AUTH=off on a closed network")
         if KEYS is None:
             log.warning("MEDCL_AUTH=off: every endpoint is open to anyone who can reach this port")
-        self.cards = CARDS
         self.default_model = MODELS.default_name
-        self.card = self.cards[self.default_model]
-        # One case index per encoder and version: embeddings of different models or versions never mix.
-        self.indexes = {name: open_index(card.name, card.version, card.architecture.embedding_dim)
-                        for name, card in self.cards.items() if card.task != "segment"}
+        # Slot "a" of every model service holds what this process resolved at import (same environment,
+        # same store): the two agree at start, and reload() keeps them agreeing.
+        self.active: dict[str, Active] = {name: self._activate(name, "a", CARDS[name], PACKAGE_DIRS[name])
+                                          for name in CARDS}
         self._providers: dict[str, str] = {}
-        for name in self.indexes:
-            self.update_index_gauge(name)
+        self._reload_lock = threading.Lock()
+        self._followed = [m for m in MODELS.models if m.model is not None]
+        self._last_follow = time.monotonic()
+
+    @staticmethod
+    def _activate(name: str, slot: str, card: Card, package_dir: Path) -> Active:
+        index = None if card.task == "segment" else open_index(card.name, card.version,
+                                                                 card.architecture.embedding_dim)
+        active = Active(name=name, slot=slot, card=card, package_dir=package_dir, index=index)
+        if index is not None:
+            metrics.INDEX_CASES.labels(card.name, card.version).set(index.count())
+        return active
+
+    @property
+    def cards(self) -> dict[str, Card]:
+        return {name: a.card for name, a in self.active.items()}
 
     # -- which model ---------------------------------------------------------------------------
-    def resolve(self, model: str | None, endpoint: str, tasks: tuple[str, ...]) -> tuple[str, Card]:
+    def resolve(self, model: str | None, endpoint: str, tasks: tuple[str, ...]) -> tuple[str, Active]:
+        self._follow_aliases()
         name = model or self.default_model
-        if model is None and self.cards[name].task not in tasks:
+        if model is None and self.active[name].card.task not in tasks:
             # the default is of another kind (e.g. a segmenter): the first model that fits
-            name = next((n for n, c in self.cards.items() if c.task in tasks), name)
-        card = self.cards.get(name)
-        if card is None:
+            name = next((n for n, a in self.active.items() if a.card.task in tasks), name)
+        active = self.active.get(name)
+        if active is None:
             metrics.ERRORS.labels(endpoint, "unknown_model").inc()
-            raise NotFound(f"no model {name!r}; served: {', '.join(self.cards)} (GET /models)")
-        if card.task not in tasks:
+            raise NotFound(f"no model {name!r}; served: {', '.join(self.active)} (GET /models)")
+        if active.card.task not in tasks:
             metrics.ERRORS.labels(endpoint, "wrong_task").inc()
-            raise InvalidArgument(f"model {name!r} is a {card.task} model; {endpoint} needs one of: {', '.join(tasks)}")
-        return name, card
+            raise InvalidArgument(f"model {name!r} is a {active.card.task} model; {endpoint} needs one of: "
+                                  f"{', '.join(tasks)}")
+        return name, active
 
-    def index_for(self, model: str | None, endpoint: str):
-        name, _ = self.resolve(model, endpoint, ("classify", "embed"))
-        return name, self.indexes[name]
+    def index_for(self, model: str | None, endpoint: str) -> tuple[str, object]:
+        name, active = self.resolve(model, endpoint, ("classify", "embed"))
+        return name, active.index
 
     def update_index_gauge(self, name: str | None = None) -> None:
-        name = name or self.default_model
-        if name in self.indexes:
-            card = self.cards[name]
-            metrics.INDEX_CASES.labels(card.name, card.version).set(self.indexes[name].count())
+        active = self.active[name or self.default_model]
+        if active.index is not None:
+            metrics.INDEX_CASES.labels(active.card.name, active.card.version).set(active.index.count())
+
+    # -- following the model store -------------------------------------------------------------
+    def _follow_aliases(self) -> None:
+        """Re-resolve store references at most every FOLLOW_SECONDS, on the request that finds it due."""
+        if not self._followed or FOLLOW_SECONDS <= 0 or time.monotonic() - self._last_follow < FOLLOW_SECONDS:
+            return
+        if self._reload_lock.locked():
+            return  # another request is already reloading; this one goes on with what is active
+        self._last_follow = time.monotonic()
+        try:
+            self.reload()
+        except Exception:  # noqa: BLE001 - a failed follow must not fail the request that triggered it
+            log.exception("following the model store failed; serving the current versions")
+
+    def reload(self) -> list[dict]:
+        """Re-resolve every model; load each changed version into its model service's free slot, then
+        switch to it. Requests in flight finish on the version they started with."""
+        changes = []
+        with self._reload_lock:
+            for entry in MODELS.models:
+                current = self.active[entry.name]
+                try:
+                    package_dir = entry.package_dir()
+                    card = Card.load(package_dir)
+                except Exception as e:  # noqa: BLE001 - one unresolvable model must not stop the others
+                    changes.append({"model": entry.name, "error": str(e).splitlines()[0]})
+                    continue
+                if card.version == current.card.version:
+                    continue
+                if card.task != current.card.task:
+                    changes.append({"model": entry.name, "error": f"task changed ({current.card.task} -> {card.task}); "
+                                                               "restart the service to change a model's task"})
+                    continue
+                slot = "b" if current.slot == "a" else "a"
+                self._service_of(entry.name).load(slot, str(package_dir))
+                self.active[entry.name] = self._activate(entry.name, slot, card, package_dir)
+                if current.index is not None:
+                    threading.Timer(RETIRE_AFTER_SECONDS, current.index.close).start()
+                metrics.MODEL_SWITCHES.labels(entry.name).inc()
+                log.info("model %s: now serving version %s (was %s)", entry.name, card.version, current.card.version)
+                changes.append({"model": entry.name, "from": current.card.version, "to": card.version})
+        self._last_follow = time.monotonic()
+        return changes
 
     @bentoml.on_shutdown
     def _close_index(self) -> None:
-        for index in self.indexes.values():
-            index.close()  # saves the HNSW graph, if any, so the next start need not rebuild it
+        for active in self.active.values():
+            if active.index is not None:
+                active.index.close()  # saves the HNSW graph, if any, so the next start need not rebuild it
 
     def _service_of(self, name: str):
         return getattr(self, _DEPENDENCY_ATTR[name])
 
-    def _call_model(self, name: str, method: str, payload: np.ndarray, endpoint: str) -> np.ndarray:
-        """Call a model service, retrying connection-level failures: inference is idempotent.
+    def _call_model(self, active: Active, method: str, payload: np.ndarray, endpoint: str) -> np.ndarray:
+        """Call a model service's ``method`` on the request's slot, retrying connection-level failures:
+        inference is idempotent.
 
         BentoML 1.4's internal client keeps pooled connections alive for 15 s but the dependent
         service's uvicorn closes them after 5 s, so the first burst after an idle gap can hit a
         closed connection (bentoml/BentoML#4971). Seen here as 17 of 300 requests failing with 500.
         """
-        call = getattr(self._service_of(name), method)
+        call = getattr(self._service_of(active.name), f"{method}_{active.slot}")
         for attempt in range(3):
             try:
                 return call(payload)
@@ -324,20 +472,22 @@ class Medcl:
             metrics.ERRORS.labels(endpoint, "undecodable").inc()
             raise InvalidArgument(f"image {index} ({name}): {e}") from None
 
-    def _prepare(self, uploads: list[tuple[str, bytes]], endpoint: str, model: str, card: Card) -> np.ndarray:
-        pixels = [to_model_pixels(self._decode(i, name, data, endpoint), card.preprocess)
+    def _prepare(self, uploads: list[tuple[str, bytes]], endpoint: str, active: Active) -> np.ndarray:
+        preprocess = active.card.preprocess
+        pixels = [to_model_pixels(self._decode(i, name, data, endpoint), preprocess)
                   for i, (name, data) in enumerate(uploads)]
-        metrics.IMAGES.labels(endpoint, model).inc(len(pixels))
-        return normalise(np.stack(pixels), card.preprocess)
+        metrics.IMAGES.labels(endpoint, active.name).inc(len(pixels))
+        return normalise(np.stack(pixels), preprocess)
 
     @bentoml.api(route="/classify")
     def classify(self, images: list[Path] = Field(default_factory=list), images_base64: list[str] = IMAGES_BASE64,
                  top_k: Annotated[int, Field(ge=1, le=100)] = 5, model: str | None = MODEL_FIELD) -> list[Prediction]:
         """Class, probability and top-k classes for each image, in the order sent."""
-        name, card = self.resolve(model, "classify", ("classify",))
+        name, active = self.resolve(model, "classify", ("classify",))
+        card = active.card
         started = time.perf_counter()
-        batch = self._prepare(self._uploads(images, images_base64, "classify"), "classify", name, card)
-        probs = softmax(self._call_model(name, "logits", batch, "classify"))
+        batch = self._prepare(self._uploads(images, images_base64, "classify"), "classify", active)
+        probs = softmax(self._call_model(active, "logits", batch, "classify"))
         out = []
         for row in probs:
             best = most_probable(row, card.class_names, top_k)
@@ -351,10 +501,11 @@ class Medcl:
     def embed(self, images: list[Path] = Field(default_factory=list), images_base64: list[str] = IMAGES_BASE64,
               model: str | None = MODEL_FIELD) -> list[Embedding]:
         """The L2-normalised embedding of each image, in the order sent."""
-        name, card = self.resolve(model, "embed", ("classify", "embed"))
+        name, active = self.resolve(model, "embed", ("classify", "embed"))
+        card = active.card
         started = time.perf_counter()
-        batch = self._prepare(self._uploads(images, images_base64, "embed"), "embed", name, card)
-        vectors = self._call_model(name, "embeddings", batch, "embed")
+        batch = self._prepare(self._uploads(images, images_base64, "embed"), "embed", active)
+        vectors = self._call_model(active, "embeddings", batch, "embed")
         metrics.observe_request(name, "embed", started)
         return [Embedding(embedding=v.astype(float).tolist(), dim=int(v.shape[0]), model=name,
                           model_version=card.version) for v in vectors]
@@ -367,7 +518,8 @@ class Medcl:
         """Nuclei instances in each tile: count, centroid, area, bounding box and contour of each nucleus;
         optionally the label image (16-bit PNG) and a GeoJSON FeatureCollection for QuPath. Tiles larger
         than the network's window are processed in overlapping windows and stitched without seams."""
-        name, card = self.resolve(model, "segment", ("segment",))
+        name, active = self.resolve(model, "segment", ("segment",))
+        card = active.card
         started = time.perf_counter()
         spec = card.segmentation
         rules = InstanceRules(threshold=spec.threshold, open_radius=spec.open_radius, close_radius=spec.close_radius,
@@ -376,7 +528,7 @@ class Medcl:
         out = []
         for i, (filename, data) in enumerate(self._uploads(images, images_base64, "segment")):
             image = to_rgb(self._decode(i, filename, data, "segment", MAX_SEGMENT_PIXELS))
-            probability = self._nuclei_map(name, image, spec.pixel_size_um, pixel_size_um)
+            probability = self._nuclei_map(active, image, spec.pixel_size_um, pixel_size_um)
             labels = instances_from_probability(probability, rules)
             nuclei = describe_instances(labels, pixel_size_um)
             metrics.IMAGES.labels("segment", name).inc()
@@ -390,7 +542,7 @@ class Medcl:
         metrics.observe_request(name, "segment", started)
         return out
 
-    def _nuclei_map(self, name: str, image, model_um: float | None, tile_um: float | None) -> np.ndarray:
+    def _nuclei_map(self, active: Active, image, model_um: float | None, tile_um: float | None) -> np.ndarray:
         """The nuclei map at the tile's own pixels. A tile at another resolution than the model's
         (both pixel sizes known, more than 10% apart) is resampled to the model's for inference and
         the map resampled back, so a 20x tile meets a 40x model at the scale it learned."""
@@ -406,7 +558,7 @@ class Medcl:
                                       f"the limit is {MAX_SEGMENT_PIXELS} pixels")
             work = image.resize(size, Image.Resampling.BICUBIC)
         chw = np.ascontiguousarray(np.asarray(work, dtype=np.float32).transpose(2, 0, 1)) / 255.0
-        probability = self._call_model(name, "nuclei", chw, "segment")
+        probability = self._call_model(active, "nuclei", chw, "segment")
         if work is not image:
             probability = np.asarray(Image.fromarray(probability.astype(np.float32), mode="F").resize(
                 image.size, Image.Resampling.BILINEAR))
@@ -414,6 +566,7 @@ class Medcl:
 
     def models_info(self) -> list[ModelInfo]:
         """Every served model; the provider is asked of the model's own process (what really runs)."""
+        self._follow_aliases()
         out = []
         for name, card in self.cards.items():
             if name not in self._providers:
@@ -434,13 +587,13 @@ class Medcl:
                          provider=provider, metrics=card.metrics)
 
     def _query_vectors(self, uploads: list[tuple[str, bytes]], vectors: list[list[float]],
-                       endpoint: str, name: str, card: Card) -> np.ndarray | list:
+                       endpoint: str, active: Active) -> np.ndarray | list:
         if uploads and vectors:
             metrics.ERRORS.labels(endpoint, "images_and_vectors").inc()
             raise InvalidArgument("send images or vectors, not both")
         if vectors:
             return vectors
-        return self._call_model(name, "embeddings", self._prepare(uploads, endpoint, name, card), endpoint)
+        return self._call_model(active, "embeddings", self._prepare(uploads, endpoint, active), endpoint)
 
     def _uploads_or_vectors(self, images: list[Path], encoded: list[str], vectors: list[list[float]],
                             endpoint: str) -> list[tuple[str, bytes]]:
@@ -467,11 +620,11 @@ class Medcl:
                model_version: str | None = Field(None, description="The version that made `vectors`; checked"),
                model: str | None = MODEL_FIELD) -> list[SearchResult]:
         """The k most similar indexed cases for each query image or vector, with the majority-vote label."""
-        name, index = self.index_for(model, "search")
+        name, active = self.resolve(model, "search", ("classify", "embed"))
+        card, index = active.card, active.index
         started = time.perf_counter()
-        card = self.cards[name]
         queries = self._query_vectors(self._uploads_or_vectors(images, images_base64, vectors, "search"), vectors,
-                                      "search", name, card)
+                                      "search", active)
         where = SearchFilter(label=label, case_id=case_id, slide_id=slide_id, site=site, date_from=date_from,
                              date_to=date_to)
         start = time.perf_counter()
@@ -493,11 +646,11 @@ class Medcl:
 
         A posted image is kept (content-addressed) so a later model version can re-embed it; its
         source_uri records that copy unless the client gave its own."""
-        name, index = self.index_for(model, "cases")
+        name, active = self.resolve(model, "cases", ("classify", "embed"))
+        card, index = active.card, active.index
         started = time.perf_counter()
-        card = self.cards[name]
         uploads = self._uploads_or_vectors(images, images_base64, vectors, "cases")
-        queries = self._query_vectors(uploads, vectors, "cases", name, card)
+        queries = self._query_vectors(uploads, vectors, "cases", active)
         n = len(queries)
         if metadata and len(metadata) != n:
             metrics.ERRORS.labels("cases", "metadata_count").inc()
@@ -518,8 +671,7 @@ class Medcl:
 
 for _name, _card in CARDS.items():
     _factory = segmenter_service if _card.task == "segment" else classifier_service
-    setattr(Medcl, _DEPENDENCY_ATTR[_name], bentoml.depends(_factory(_name, next(
-        m.package_dir() for m in MODELS.models if m.name == _name))))
+    setattr(Medcl, _DEPENDENCY_ATTR[_name], bentoml.depends(_factory(_name, PACKAGE_DIRS[_name])))
 
 Medcl = bentoml.asgi_app(extra_app, path="/")(
     bentoml.service(name="medcl", workers=1, threads=16, traffic={"timeout": 120, "max_concurrency": 256})(Medcl))

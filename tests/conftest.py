@@ -79,9 +79,11 @@ def running_service(package: Path | None, folder: Path, models: str | None = Non
 
     port = free_port()
     log = folder / "serve.log"
+    folder.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MEDCL_PORT=str(port), BENTOML_HOME=str(folder / "bentoml"),
                MEDCL_INDEX=f"embedded://{folder / 'index'}", MEDCL_AUTH="on",
-               MEDCL_API_KEYS=f"{ADMIN_KEY}:admin,{READ_KEY}:read", **env_extra)
+               MEDCL_API_KEYS=f"{ADMIN_KEY}:admin,{READ_KEY}:read")
+    env.update(env_extra)
     with log.open("w") as f:
         what = ["--models", models] if models else ["--package", str(package)]
         proc = subprocess.Popen([sys.executable, "-m", "medcl.cli", "serve", *what, "--port", str(port)], stdout=f, stderr=subprocess.STDOUT, env=env,
