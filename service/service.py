@@ -512,7 +512,7 @@ class Medcl:
 
     @bentoml.api(route="/segment")
     def segment(self, images: list[Path] = Field(default_factory=list), images_base64: list[str] = IMAGES_BASE64,
-                pixel_size_um: Annotated[float | None, Field(gt=0, le=100)] = None,
+                pixel_size_um: Annotated[float | None, Field(ge=0.01, le=100)] = None,  # ge: OpenAPI 3.0 has no numeric exclusiveMinimum
                 return_mask: bool = False, return_geojson: bool = False,
                 model: str | None = MODEL_FIELD) -> list[Segmentation]:
         """Nuclei instances in each tile: count, centroid, area, bounding box and contour of each nucleus;

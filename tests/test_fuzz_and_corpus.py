@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ADMIN_KEY, SHARED_DATA, running_service
+from tests.conftest import ADMIN_KEY, SHARED_DATA
 
 
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -97,14 +97,14 @@ def test_malformed_requests_get_a_4xx(api: httpx.Client, body: bytes, content_ty
         assert 400 <= r.status_code < 500, (route, r.status_code, r.text)
 
 
-def test_schemathesis_finds_no_server_errors(tiny_package: Path, tmp_path: Path) -> None:
+def test_schemathesis_finds_no_server_errors(two_model_service: str) -> None:
+    """Every operation of the schema, /segment included, against a service with a classifier and a segmenter."""
     st = shutil.which("st", path=str(Path(sys.executable).parent))
     if st is None:
         pytest.skip(reason="schemathesis is not installed; runs wherever the dev extra is (make test, CI)")
-    with running_service(tiny_package, tmp_path) as url:
-        out = subprocess.run([st, "run", f"{url}/docs.json", "-H", f"Authorization: Bearer {ADMIN_KEY}",
-                              "--checks", "not_a_server_error", "--max-examples", "15", "--seed", "1",
-                              "--max-time", "75", "--request-timeout", "30"],
-                             capture_output=True, text=True, timeout=240)
+    out = subprocess.run([st, "run", f"{two_model_service}/docs.json", "-H", f"Authorization: Bearer {ADMIN_KEY}",
+                          "--checks", "not_a_server_error", "--max-examples", "15", "--seed", "1",
+                          "--max-time", "75", "--request-timeout", "30"],
+                         capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "passed" in out.stdout
