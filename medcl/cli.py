@@ -58,6 +58,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from training.experiment import run_experiment
+
+    report = run_experiment(args.config, progress=not args.quiet, fractions=args.fractions, methods=args.methods)
+    print(json.dumps({"experiment": report["name"], "runs": len(report["rows"])}))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -410,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="start again even if a checkpoint exists")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+    x_ = sub.add_parser("experiment", help="run a sweep (methods x label fractions x seeds) and write tables, "
+                                          "plots and docs/results/summary.json")
+    x_.add_argument("config", type=Path)
+    x_.add_argument("--quiet", action="store_true", help="no progress bars")
+    x_.add_argument("--fractions", type=float, nargs="+", help="run only these label fractions of the config")
+    x_.add_argument("--methods", nargs="+", help="run only these methods (labels) of the config")
+    x_.set_defaults(func=cmd_experiment)
 
     e = sub.add_parser("evaluate", help="evaluate a trained run on a split or a class-per-folder image tree")
     e.add_argument("run_dir", type=Path)

@@ -92,7 +92,10 @@ def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
         train(changed, progress=False)
 
 
-@pytest.mark.parametrize("method, terms", [("cross_entropy", {"ce"}), ("supcon", {"ce", "supcon_labelled"})])
+@pytest.mark.parametrize("method, terms", [
+    ("cross_entropy", {"ce"}), ("supcon", {"ce", "supcon_labelled"}),
+    ("srcl", {"ce", "ntxent", "relation", "consistency"}), ("srcl_pretrain", {"ntxent", "relation"}),
+    ("mean_teacher", {"ce", "consistency"})])
 def test_baselines_run_in_the_same_engine(tmp_path: Path, method: str, terms: set[str]) -> None:
     run = train(load_config(DEMO_CONFIG, {**FAST, "name": method, "output_dir": str(tmp_path),
                                           "schedule.steps": 2, "method.name": method,
@@ -109,3 +112,29 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ConfigError, match="no config file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_mean_teacher_follows_the_student_by_ema_and_the_weight_ramps() -> None:
+    from training.config import MethodConfig
+    from training.methods import MeanTeacherRelations, StepContext
+    from training.models import create_model
+    from medcl.card import ArchitectureSpec
+
+    student = create_model(ArchitectureSpec(width=8), 3)
+    method = MeanTeacherRelations(MethodConfig(name="srcl", ema_decay=0.9))
+    teacher = method._update_teacher(student, 0)
+    assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    before = [t.clone() for t in teacher.parameters()]
+    method._update_teacher(student, 50)  # alpha = min(1 - 1/51, 0.9) = 0.9
+    for b, t in zip(before, teacher.parameters()):
+        assert torch.allclose(t, 0.9 * b + 0.1 * (b + 1.0), atol=1e-6)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    ctx = lambda step: StepContext(step=step, generator=torch.Generator(), augment=None, preprocess=None,  # noqa: E731
+                                   total_steps=100)
+    assert method.ramp(ctx(0)) == pytest.approx(torch.exp(torch.tensor(-5.0)).item())
+    assert method.ramp(ctx(40)) == pytest.approx(1.0) and method.ramp(ctx(99)) == pytest.approx(1.0)
+    relation = method.relation(torch.randn(6, 4))
+    assert relation.shape == (6, 6) and torch.allclose(relation.diagonal(), torch.ones(6), atol=1e-5)

@@ -128,7 +128,7 @@ def test_training_writes_a_card_with_a_label_free_channel_choice(segmenter_run: 
 
     card = Card.load(segmenter_run)
     assert card.task == "segment" and card.segmentation is not None
-    assert card.segmentation.channel_rule.startswith("highest correlation with haematoxylin")
+    assert card.segmentation.channel_rule.startswith("highest haematoxylin contrast")
     assert card.training["parameters"] == 11106
     history = json.loads((segmenter_run / "history.json").read_text())
     assert any("probe_loss" in h for h in history)

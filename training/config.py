@@ -37,7 +37,7 @@ class DataConfig(BaseModel):
 class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["cross_entropy", "supcon", "s5cl"]
+    name: Literal["cross_entropy", "supcon", "s5cl", "srcl", "srcl_pretrain", "mean_teacher"]
     tau_labelled: float = Field(default=0.2, gt=0.0)
     tau_unlabelled: float = Field(default=0.7, gt=0.0)
     tau_pseudo: float = Field(default=0.7, gt=0.0)
@@ -45,6 +45,12 @@ class MethodConfig(BaseModel):
     pseudo_warmup_steps: int = Field(default=100, ge=0)
     # None = the reference behaviour (every pseudo-label counts); a value keeps only confident ones.
     pseudo_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    # SRCL / mean teacher (METHODS.md §4)
+    tau_ntxent: float = Field(default=0.5, gt=0.0)
+    lambda_contrastive: float = Field(default=1.0, ge=0.0)
+    relation_weight: float = Field(default=1.0, ge=0.0)
+    ema_decay: float = Field(default=0.99, gt=0.0, lt=1.0)
+    rampup_steps: int | None = Field(default=None, ge=1)  # None: 40% of the run
 
 
 class OptimConfig(BaseModel):

@@ -28,7 +28,7 @@ from training.config import DataConfig, TrainConfig
 from training.data import (UNLABELLED, DataError, ImageSet, MPerClassSampler, RandomBatches, Splits, group_split,
                            label_subsample, read_csv_manifest, read_folder, read_npz)
 from training.methods import Batch, StepContext, create_method
-from training.metrics import classification_metrics, knn_accuracy, predict
+from training.metrics import classification_metrics, knn_accuracy, macro_auroc, predict
 from training.models import EncoderClassifier, create_model
 from training.plots import confusion_matrix_plot, learning_curve
 
@@ -142,7 +142,7 @@ def make_card(config: TrainConfig, data: TrainingData, version: str) -> Card:
                       n_labelled=len(data.labelled), n_unlabelled=len(data.unlabelled or []),
                       n_test=len(data.test)),
         training={"seed": config.seed, "steps": config.schedule.steps, "config_fingerprint": config.fingerprint(),
-                  "optimizer": config.optim.name, "lr": config.optim.lr},
+                  "optimizer": config.optim.name, "lr": config.optim.lr, "pretrained": config.pretrained},
         code_version=code_version(),
     )
 
@@ -150,6 +150,9 @@ def make_card(config: TrainConfig, data: TrainingData, version: str) -> Card:
 def evaluate(model: EncoderClassifier, card: Card, data: TrainingData, split: ImageSet, knn_k: int) -> dict:
     logits, emb = predict(model, split.images, card.preprocess.mean, card.preprocess.std)
     metrics = classification_metrics(split.labels, logits.argmax(1), card.class_names)
+    auroc = macro_auroc(split.labels, logits)
+    if auroc is not None:
+        metrics["macro_auroc"] = auroc
     _, bank = predict(model, data.labelled.images, card.preprocess.mean, card.preprocess.std)
     metrics["knn_accuracy"] = knn_accuracy(bank, data.labelled.labels, emb, split.labels, k=knn_k)
     return metrics
@@ -209,7 +212,8 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
         ui = unlabelled_sampler.next_batch() if unlabelled_sampler is not None else None
         batch = Batch(labelled=labelled_images[li], labels=labelled_labels[li],
                       unlabelled=unlabelled_images[ui] if ui is not None else None)
-        ctx = StepContext(step=step, generator=generator, augment=config.augment, preprocess=config.preprocess)
+        ctx = StepContext(step=step, generator=generator, augment=config.augment, preprocess=config.preprocess,
+                          total_steps=sched.steps)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         terms = method.loss_terms(model, batch, ctx)

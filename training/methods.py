@@ -6,6 +6,8 @@ adding a class here, not changing the engine.
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +34,7 @@ class StepContext:
     generator: torch.Generator
     augment: AugmentSpec
     preprocess: PreprocessSpec
+    total_steps: int = 0
 
 
 class Method(Protocol):
@@ -119,7 +122,88 @@ class S5CL:
         return terms
 
 
-METHODS: dict[str, type] = {"cross_entropy": CrossEntropy, "supcon": SupCon, "s5cl": S5CL}
+class MeanTeacherRelations:
+    """SRCL (arXiv 2304.05047) and its building blocks, one class for three methods:
+
+    - ``srcl`` (joint): L = CE(labelled) + lambda_c * NT-Xent(all images) + w(t) * (L_con + L_rel);
+    - ``srcl_pretrain``: NT-Xent + w(t) * L_rel, no labels used (fine-tune afterwards with
+      ``cross_entropy`` and ``pretrained`` set to the pretraining run: the pretrain-then-fine-tune variant);
+    - ``mean_teacher``: CE + w(t) * L_con (the mean-teacher baseline, Tarvainen & Valpola 2017).
+
+    Sample relation consistency as in SRC-MT (Liu et al., TMI 2020): the teacher's weights are an EMA of
+    the student's (alpha = min(1 - 1/(step+1), ema_decay)); R = F F^T over the batch with F the
+    row-normalised embeddings; L_rel = ||R_student - R_teacher||^2 / B; L_con = sum of squared
+    softmax differences / B; the teacher sees another augmentation (strong vs the student's weak) and
+    no gradient; w(t) = exp(-5 (1 - t/T)^2) for t < T, then 1. The class-weighted cross-entropy of the
+    paper is realised by the m-per-class labelled sampler, which shows every class equally often (what
+    inverse-frequency weights achieve in expectation); weighting those balanced batches again would
+    over-correct.
+
+    The teacher lives in the method, not in the checkpoint: a resumed run restarts it from the student.
+    """
+
+    uses_unlabelled = True
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.teacher: EncoderClassifier | None = None
+
+    def _update_teacher(self, student: EncoderClassifier, step: int) -> EncoderClassifier:
+        if self.teacher is None:
+            self.teacher = copy.deepcopy(student)
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+            return self.teacher
+        alpha = min(1.0 - 1.0 / (step + 1), self.config.ema_decay)
+        with torch.no_grad():
+            for t, s in zip(self.teacher.parameters(), student.parameters()):
+                t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
+            for t, s in zip(self.teacher.buffers(), student.buffers()):
+                t.copy_(s)
+        return self.teacher
+
+    def ramp(self, ctx: StepContext) -> float:
+        length = self.config.rampup_steps or max(1, int(0.4 * ctx.total_steps))
+        t = min(ctx.step / length, 1.0)
+        return math.exp(-5.0 * (1.0 - t) ** 2)
+
+    @staticmethod
+    def relation(embeddings: torch.Tensor) -> torch.Tensor:
+        f = F.normalize(embeddings, dim=1)
+        return f @ f.T
+
+    def loss_terms(self, model: EncoderClassifier, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        if batch.unlabelled is None:
+            raise ValueError(f"{self.name} needs an unlabelled stream")
+        cfg = self.config
+        teacher = self._update_teacher(model, ctx.step)
+        bl = batch.labels.shape[0]
+        images = torch.cat([batch.labelled, batch.unlabelled])
+        n = images.shape[0]
+        weak, strong = _views(images, ctx, ("weak", "strong"))
+        logits, emb = model(torch.cat([weak, strong]))
+        with torch.no_grad():
+            teacher_logits, teacher_emb = teacher(strong)
+        student_logits, student_emb = logits[:n], emb[:n]  # the weak view is the student's
+        w = self.ramp(ctx)
+        terms: dict[str, torch.Tensor] = {}
+        if self.name != "srcl_pretrain":
+            terms["ce"] = F.cross_entropy(student_logits[:bl], batch.labels)
+        if self.name in ("srcl", "srcl_pretrain"):
+            terms["ntxent"] = cfg.lambda_contrastive * supcon(emb, positives_from_views(n, 2, emb.device),
+                                                              cfg.tau_ntxent)
+            difference = self.relation(student_emb) - self.relation(teacher_emb)
+            terms["relation"] = w * cfg.relation_weight * (difference ** 2).sum() / n
+        if self.name in ("srcl", "mean_teacher"):
+            gap = student_logits.softmax(dim=1) - teacher_logits.softmax(dim=1)
+            terms["consistency"] = w * (gap ** 2).sum() / n
+        return terms
+
+
+METHODS: dict[str, type] = {"cross_entropy": CrossEntropy, "supcon": SupCon, "s5cl": S5CL,
+                            "srcl": MeanTeacherRelations, "srcl_pretrain": MeanTeacherRelations,
+                            "mean_teacher": MeanTeacherRelations}
 
 
 def create_method(config: MethodConfig) -> Method:

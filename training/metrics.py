@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> dict:
@@ -57,3 +57,11 @@ def predict(model: torch.nn.Module, images: np.ndarray, mean: tuple[float, float
         embs.append(em.numpy())
     model.train(was_training)
     return np.concatenate(logits), np.concatenate(embs)
+
+
+def macro_auroc(y_true: np.ndarray, logits: np.ndarray) -> float | None:
+    """One-vs-rest AUROC averaged over classes (None when a class is absent from y_true)."""
+    probs = torch.from_numpy(logits).float().softmax(dim=1).numpy()
+    if len(np.unique(y_true)) < probs.shape[1]:
+        return None
+    return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro"))

@@ -1,0 +1,221 @@
+"""`medcl experiment CONFIG`: a sweep of methods x label fractions x seeds over one training config.
+
+Writes ``<results>/<name>.json`` (every run's metrics), ``<name>.md`` (mean ± std per method and
+fraction, with the command) and ``<name>.png`` (metric against label fraction), and merges the
+per-seed values into ``<results>/summary.json``: dataset -> method -> label fraction -> metric -> [values].
+A run whose metrics already exist for the same config is reused, so an interrupted sweep resumes
+where it stopped and a finished one re-renders without training.
+
+A method entry is a name (``s5cl``) or a mapping: ``{label: srcl_pft, method: srcl_pretrain,
+then: cross_entropy, then_set: {...}}`` trains ``method`` first and fine-tunes with ``then`` from its
+weights (pretrain-then-fine-tune), reporting the fine-tuned model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medcl.errors import MedclError
+
+
+class MethodEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str
+    method: str
+    set: dict[str, Any] = {}
+    then: str | None = None  # fine-tune with this method from the first run's weights
+    then_set: dict[str, Any] = {}
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    dataset: str
+    base_config: str
+    methods: list[str | MethodEntry] = Field(min_length=1)
+    label_fractions: list[float] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    metrics: list[str] = ["accuracy", "macro_f1"]
+    set: dict[str, Any] = {}  # overrides applied to every run
+    output_dir: str = "runs/experiments"
+    results_dir: str = "docs/results"
+    note: str = ""  # printed beside the table: the budget and how it differs from the paper
+
+    def entries(self) -> list[MethodEntry]:
+        return [MethodEntry(label=m, method=m) if isinstance(m, str) else m for m in self.methods]
+
+
+class ExperimentError(MedclError, ValueError):
+    """An experiment config that cannot be run."""
+
+
+def load_experiment(path: str | Path) -> tuple[ExperimentConfig, Path]:
+    path = Path(path)
+    if not path.is_file():
+        raise ExperimentError(f"no experiment config at {path}")
+    try:
+        config = ExperimentConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ExperimentError(f"{path}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    except yaml.YAMLError as e:
+        raise ExperimentError(f"{path} is not valid YAML: {e}") from None
+    for f in config.label_fractions:
+        if not 0 < f <= 1:
+            raise ExperimentError(f"{path}: label fraction {f} is not in (0, 1]")
+    return config, path.parent
+
+
+def _pct(fraction: float) -> str:
+    return f"{fraction * 100:g}pct"
+
+
+def _train(base: Path, overrides: dict[str, Any], progress: bool) -> Path:
+    from training.config import load_config
+    from training.engine import train
+
+    config = load_config(base, overrides)
+    fingerprint = config.fingerprint()  # before training: the model factory fills in fields of the config
+    done = config.run_dir() / "metrics.json"
+    marker = config.run_dir() / "experiment_fingerprint"
+    if done.is_file() and marker.is_file() and marker.read_text() == fingerprint:
+        return config.run_dir()  # finished before with this exact config
+    run_dir = train(config, resume=True, progress=progress)
+    marker.write_text(fingerprint)
+    return run_dir
+
+
+def run_experiment(path: str | Path, progress: bool = True, fractions: list[float] | None = None,
+                   methods: list[str] | None = None) -> dict:
+    """Run the sweep (or the part named by ``fractions`` / ``methods``: same run names, so the full
+    sweep later reuses those runs)."""
+    config, base_dir = load_experiment(path)
+    command = f"medcl experiment {path}"
+    if fractions:
+        unknown = [f for f in fractions if f not in config.label_fractions]
+        if unknown:
+            raise ExperimentError(f"label fractions {unknown} are not in {path} ({config.label_fractions})")
+        config.label_fractions = [f for f in config.label_fractions if f in fractions]
+        command += " --fractions " + " ".join(f"{f:g}" for f in fractions)
+    if methods:
+        known = [e.label for e in config.entries()]
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise ExperimentError(f"methods {unknown} are not in {path} ({known})")
+        config.methods = [e for e in config.entries() if e.label in methods]
+        command += " --methods " + " ".join(methods)
+    base = (base_dir / config.base_config).resolve()
+    out_dir = (base_dir / config.output_dir).resolve()
+    results_dir = (base_dir / config.results_dir).resolve()
+    rows = []
+    total = len(config.entries()) * len(config.label_fractions) * len(config.seeds)
+    done = 0
+    for entry in config.entries():
+        for fraction in config.label_fractions:
+            for seed in config.seeds:
+                done += 1
+                name = f"{config.name}-{entry.label}-{_pct(fraction)}-s{seed}"
+                print(f"medcl: experiment {config.name}: run {done}/{total}: {name}", flush=True)
+                common = {**config.set, "seed": seed, "data.label_fraction": fraction, "output_dir": str(out_dir)}
+                started = time.time()
+                run_dir = _train(base, {**common, **entry.set, "method.name": entry.method, "name": name}, progress)
+                if entry.then:
+                    weights = run_dir / "model.safetensors"
+                    run_dir = _train(base, {**common, **entry.then_set, "method.name": entry.then,
+                                            "pretrained": str(weights), "name": f"{name}-finetune"}, progress)
+                test = json.loads((run_dir / "metrics.json").read_text())["test"]
+                rows.append({"method": entry.label, "label_fraction": fraction, "seed": seed, "run": str(run_dir),
+                             "seconds": round(time.time() - started, 1),
+                             **{m: test[m] for m in config.metrics if m in test}})
+    report = {"name": config.name, "dataset": config.dataset, "metrics": config.metrics, "rows": rows,
+              "note": config.note}
+    write_outputs(report, results_dir, command=command)
+    merge_summary(results_dir / "summary.json", config.dataset, rows, config.metrics)
+    return report
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def write_outputs(report: dict, results_dir: Path, command: str) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    name, rows, metrics = report["name"], report["rows"], report["metrics"]
+    (results_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fractions = sorted({r["label_fraction"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"# {name}: {report['dataset']}", "",
+             f"Test split; mean ± standard deviation over seeds {seeds}. {report.get('note', '')}".rstrip(), "",
+             "| labels | method | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for fraction in fractions:
+        for method in methods:
+            cell = [r for r in rows if r["method"] == method and r["label_fraction"] == fraction]
+            lines.append(f"| {fraction * 100:g}% | {method} | "
+                         + " | ".join(_cell([r[m] for r in cell if m in r]) for m in metrics) + " |")
+    lines += ["", f"![{metrics[0]} by label fraction]({name}.png)", "", "Produced by:", "", "```", command, "```", ""]
+    (results_dir / f"{name}.md").write_text("\n".join(lines))
+    _plot(rows, methods, fractions, metrics, results_dir / f"{name}.png", name)
+
+
+def _plot(rows: list[dict], methods: list[str], fractions: list[float], metrics: list[str], path: Path,
+          title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for method in methods:
+            xs, ys, es = [], [], []
+            for f in fractions:
+                values = [r[metric] for r in rows if r["method"] == method and r["label_fraction"] == f and metric in r]
+                if values:
+                    xs.append(f * 100)
+                    ys.append(statistics.mean(values))
+                    es.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled fraction (%)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def merge_summary(path: Path, dataset: str, rows: list[dict], metrics: list[str]) -> dict:
+    """dataset -> method -> label fraction -> metric -> per-seed values; written atomically."""
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        by_fraction: dict[str, dict[str, list[float]]] = {}
+        for r in sorted((r for r in rows if r["method"] == method), key=lambda r: (r["label_fraction"], r["seed"])):
+            cell = by_fraction.setdefault(str(r["label_fraction"]), {})
+            for m in metrics:
+                if m in r:
+                    cell.setdefault(m, []).append(r[m])
+        summary.setdefault(dataset, {}).setdefault(method, {}).update(by_fraction)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".summary-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return summary
