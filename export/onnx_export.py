@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +91,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, parity_data: str | Pat
     pixels, parity_source = parity_images(card, parity_data, n_parity)
     inputs = normalise(pixels, card.preprocess)
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a service running as another user must read it
-    try:
+    with staged_package(out_dir) as staging:
         onnx_path = staging / "model.onnx"
         dummy = torch.from_numpy(inputs[:2])
         torch.onnx.export(
@@ -137,11 +135,23 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, parity_data: str | Pat
 
             card.onnx.variants["tensorrt"] = build_engine(staging, card, pixels, mode=tensorrt)
         card.save(staging)
+    return Path(out_dir)
+
+
+@contextmanager
+def staged_package(out_dir: str | Path) -> Iterator[Path]:
+    """A private folder beside ``out_dir`` to write a package into; on success it replaces ``out_dir``
+    whole (a reader sees the old package or the new one, never a mixture); on any failure it is removed."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a service running as another user must read it
+    try:
+        yield staging
         _swap_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:

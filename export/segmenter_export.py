@@ -9,8 +9,6 @@ fp16/int8 variants and TensorRT engines are built for classifiers only; a segmen
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +52,7 @@ def export_segmenter(run_dir: str | Path, out_dir: str | Path, parity_data: str 
     import onnx
     import onnxruntime as ort
 
-    from export.onnx_export import ParityError, _swap_into_place
+    from export.onnx_export import ParityError, staged_package
     from training.nuclei import load_segmenter
 
     if variants:
@@ -66,11 +64,7 @@ def export_segmenter(run_dir: str | Path, out_dir: str | Path, parity_data: str 
     wrapper = NucleiOutput(network, card.segmentation.nuclei_channel).eval()
     tiles, source = parity_tiles(card, parity_data)
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    staging.chmod(0o755)
-    try:
+    with staged_package(out_dir) as staging:
         onnx_path = staging / "model.onnx"
         torch.onnx.export(wrapper, (torch.from_numpy(np.stack([tiles[0], tiles[0]])),), str(onnx_path), dynamo=False,
                           opset_version=opset, input_names=["image"], output_names=["nuclei"],
@@ -95,11 +89,7 @@ def export_segmenter(run_dir: str | Path, out_dir: str | Path, parity_data: str 
         card.onnx = OnnxSpec(file="model.onnx", opset=opset, exporter=f"torch.onnx (TorchScript) {torch.__version__}",
                              output_names=["nuclei"], parity=parity)
         card.save(staging)
-        _swap_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def _mask_agreement(session, wrapper: nn.Module, tiles: list[np.ndarray], threshold: float) -> float:

@@ -64,7 +64,10 @@ async def list_models(request: Request) -> Response:
 async def reload_models(request: Request) -> Response:
     """Re-resolve every model (store aliases) and switch to changed versions without dropping requests.
     Admin scope (service/middleware.py)."""
-    changes = await run_in_threadpool(bentoml.get_current_service().reload)
+    try:
+        changes = await run_in_threadpool(bentoml.get_current_service().reload)
+    except Exception as e:  # noqa: BLE001 - a model service that cannot load: say so, keep serving the old version
+        return JSONResponse({"error": f"reload failed, still serving the previous versions: {e}"}, status_code=503)
     return JSONResponse({"changes": changes})
 
 

@@ -393,8 +393,14 @@ class Medcl:
                                                                "restart the service to change a model's task"})
                     continue
                 slot = "b" if current.slot == "a" else "a"
-                self._service_of(entry.name).load(slot, str(package_dir))
-                self.active[entry.name] = self._activate(entry.name, slot, card, package_dir)
+                try:
+                    self._service_of(entry.name).load(slot, str(package_dir))
+                    switched = self._activate(entry.name, slot, card, package_dir)
+                except Exception as e:  # noqa: BLE001 - keep serving the current version, report why
+                    log.error("model %s: version %s could not be loaded: %s", entry.name, card.version, e)
+                    changes.append({"model": entry.name, "error": f"version {card.version} not loaded: {e}"})
+                    continue
+                self.active[entry.name] = switched
                 if current.index is not None:
                     threading.Timer(RETIRE_AFTER_SECONDS, current.index.close).start()
                 metrics.MODEL_SWITCHES.labels(entry.name).inc()
