@@ -112,6 +112,7 @@ def describe_instances(labels: np.ndarray, pixel_size_um: float | None = None,
         polygon = [[round(float(x) - 1 + x0 + 0.5, 2), round(float(y) - 1 + y0 + 0.5, 2)] for y, x in contour]
         if polygon[0] != polygon[-1]:
             polygon.append(polygon[0])
+        polygon = _valid_ring(polygon, region.bbox)
         cy, cx = region.centroid
         item = {"id": int(region.label), "centroid": [round(float(cx), 2), round(float(cy), 2)],
                 "area_px": int(region.area), "bbox": [int(x0), int(y0), int(x1), int(y1)], "contour": polygon}
@@ -119,6 +120,17 @@ def describe_instances(labels: np.ndarray, pixel_size_um: float | None = None,
             item["area_um2"] = round(float(region.area) * pixel_size_um ** 2, 3)
         out.append(item)
     return out
+
+
+def _valid_ring(ring: list[list[float]], bbox: tuple[int, int, int, int]) -> list[list[float]]:
+    """A closed ring GeoJSON validators accept (RFC 7946): at least 4 positions, counter-clockwise
+    by the shoelace sign of its (x, y) numbers. A contour simplified below that (a nucleus a pixel or
+    two wide) becomes its bounding box."""
+    if len(ring) < 4:
+        y0, x0, y1, x1 = bbox
+        ring = [[x0, y0], [x0, y1], [x1, y1], [x1, y0], [x0, y0]]
+    area2 = sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(ring, ring[1:]))
+    return ring if area2 > 0 else ring[::-1]
 
 
 def geojson(instances: list[dict], model_version: str = "") -> dict:

@@ -268,3 +268,25 @@ def test_metrics_per_model_and_endpoint(two_model_service: str) -> None:
     assert 'medcl_model_request_seconds_count{endpoint="segment",model="demo-nuclei"}' in text
     assert 'medcl_nuclei_per_tile_count{model="demo-nuclei"}' in text
     assert 'medcl_model_info{model="demo-nuclei"' in text and 'medcl_model_info{model="demo-bloodmnist"' in text
+
+
+def test_geojson_of_a_real_tile_is_valid(two_model_service: str) -> None:
+    """What a GeoJSON validator checks: closed rings of >= 4 positions, counter-clockwise exteriors
+    (RFC 7946), and, with shapely where installed, simple valid polygons."""
+    folder = shared("monuseg", "test", "images")
+    path = sorted(folder.glob("*.png"))[2]
+    (result,) = _post(two_model_service, "/segment", [(path.name, path.read_bytes(), "image/png")],
+                      return_geojson="true").json()
+    features = result["geojson"]["features"]
+    assert len(features) == result["count"] > 20
+    json.loads(json.dumps(result["geojson"]))  # plain JSON, no NaN
+    for feature in features:
+        (ring,) = feature["geometry"]["coordinates"]
+        assert len(ring) >= 4 and ring[0] == ring[-1]
+        assert sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(ring, ring[1:])) > 0
+    try:
+        from shapely.geometry import shape
+    except ImportError:
+        return
+    invalid = [f["properties"]["medcl_id"] for f in features if not shape(f["geometry"]).is_valid]
+    assert not invalid, f"invalid (self-intersecting) contours: {invalid[:5]}"
