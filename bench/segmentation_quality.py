@@ -41,17 +41,13 @@ def evaluate_classical(images: Path, instances: Path) -> tuple[dict, dict[str, n
 
 
 def evaluate_run(run_dir: Path, images: Path, instances: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
-    from medcl.segmentation import instances_from_probability, segmentation_scores
-    from training.nuclei import image_files, load_segmenter, nuclei_probability, read_rgb, rules_of
+    from training.nuclei import evaluate_segmenter, load_segmenter
 
     network, card = load_segmenter(run_dir)
-    per_image, predictions = {}, {}
-    for f in image_files(images):
-        pred = instances_from_probability(nuclei_probability(network, card.segmentation, read_rgb(f)),
-                                          rules_of(card.segmentation))
-        per_image[f.name] = segmentation_scores(_truth(instances / f.name), pred)
-        predictions[f.name] = pred
-    return per_image, predictions, card.training | {"method": card.method, "channel_rule": card.segmentation.channel_rule}
+    predictions: dict[str, np.ndarray] = {}
+    result = evaluate_segmenter(network, card.segmentation, images, instances, predictions=predictions)
+    return result["per_image"], predictions, card.training | {"method": card.method,
+                                                              "channel_rule": card.segmentation.channel_rule}
 
 
 def overlay_figure(image_path: Path, instances: Path, predictions: dict[str, dict[str, np.ndarray]], out: Path) -> Path:

@@ -154,11 +154,10 @@ def _bentoml_serve(package: Path | None, port: int, host: str, models: str | Non
     # Absolute paths: the service process does not run in the caller's folder.
     env = dict(os.environ, MEDCL_HOME=str(Path(os.environ.get("MEDCL_HOME", ".medcl")).resolve()))
     if models:
+        from service.registry import parse_model_list
+
         entries = []
-        for item in filter(None, (p.strip() for p in models.split(","))):
-            name, sep, where = item.partition("=")
-            if not sep:
-                raise UsageError(f"--models entry {item!r} is not NAME=FOLDER or NAME=STORE_REFERENCE")
+        for name, where in parse_model_list(models, "--models"):
             folder = Path(where)
             if folder.is_dir():
                 if not (folder / "card.json").is_file():
@@ -335,12 +334,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_bento(args: argparse.Namespace) -> int:
     from medcl.bento import build_bento
 
-    models = {}
-    for item in filter(None, (p.strip() for p in args.models.split(","))):
-        name, sep, where = item.partition("=")
-        if not sep:
-            raise UsageError(f"--models entry {item!r} is not NAME=PACKAGE_DIR")
-        models[name] = Path(where)
+    from service.registry import parse_model_list
+
+    models = {name: Path(where) for name, where in parse_model_list(args.models, "--models")}
     if not models:
         raise UsageError("--models needs at least one NAME=PACKAGE_DIR")
     tag = build_bento(models, default=args.default)

@@ -67,6 +67,18 @@ class ModelsConfig(BaseModel):
         return self.default or self.models[0].name
 
 
+def parse_model_list(text: str, source: str = "MEDCL_MODELS") -> list[tuple[str, str]]:
+    """``NAME=WHERE,NAME=WHERE`` -> [(name, where)]; WHERE is a package folder or a store reference.
+    Shared by MEDCL_MODELS, ``medcl serve --models`` and ``medcl bento build --models``."""
+    pairs = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, where = item.partition("=")
+        if not sep or not name.strip() or not where.strip():
+            raise PackageError(f"{source} entry {item!r} is not NAME=FOLDER or NAME=STORE_REFERENCE")
+        pairs.append((name.strip(), where.strip()))
+    return pairs
+
+
 def slug(card_name: str) -> str:
     """A card name made into a model name (lower case, safe in URLs and service names)."""
     return re.sub(r"[^a-z0-9._-]+", "-", card_name.lower()).strip("-.")[:63] or "model"
@@ -87,13 +99,9 @@ def configured_models() -> ModelsConfig:
             return ModelsConfig.model_validate(raw)
         listed = os.environ.get("MEDCL_MODELS", "").strip()
         if listed:
-            entries = []
-            for item in filter(None, (p.strip() for p in listed.split(","))):
-                if "=" not in item:
-                    raise PackageError(f"MEDCL_MODELS entry {item!r} is not NAME=FOLDER or NAME=STORE_REFERENCE")
-                name, where = (s.strip() for s in item.split("=", 1))
-                is_folder = Path(where).is_dir() or "/" in where
-                entries.append(ModelEntry(name=name, **({"package": where} if is_folder else {"model": where})))
+            entries = [ModelEntry(name=name, **({"package": where} if Path(where).is_dir() or "/" in where
+                                                 else {"model": where}))
+                       for name, where in parse_model_list(listed)]
             return ModelsConfig(models=entries)
     except (ValidationError, yaml.YAMLError) as e:
         raise PackageError(f"the model list is not valid: {str(e).splitlines()[0]} {_first_error(e)}") from None

@@ -122,8 +122,8 @@ class ConfigError(MedclError, ValueError):
     """A config file that cannot be used; the message names the file and the field."""
 
 
-def load_config(path: str | os.PathLike[str], overrides: dict | None = None) -> TrainConfig:
-    """Read a YAML config; relative data, pretrained and output paths are taken from the YAML's folder."""
+def read_config_yaml(path: str | os.PathLike[str], overrides: dict | None = None) -> dict:
+    """The YAML mapping of a config file with dotted ``overrides`` applied (``schedule.steps=10``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no config file at {path}")
@@ -139,20 +139,32 @@ def load_config(path: str | os.PathLike[str], overrides: dict | None = None) -> 
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    base = path.parent
-    if isinstance(raw.get("data"), dict) and "path" in raw["data"]:
-        raw["data"]["path"] = str(_resolve(base, raw["data"]["path"]))
-    if raw.get("pretrained"):
-        raw["pretrained"] = str(_resolve(base, raw["pretrained"]))
-    raw["output_dir"] = str(_resolve(base, raw.get("output_dir", "runs")))
+    return raw
+
+
+def validate_config(model: type[BaseModel], raw: dict, path: str | os.PathLike[str]):
+    """``model.model_validate(raw)``, or a ConfigError naming the file and the first bad field."""
     try:
-        return TrainConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"{path}: {where}: {first['msg']}") from None
 
 
-def _resolve(base: Path, value: str) -> Path:
+def load_config(path: str | os.PathLike[str], overrides: dict | None = None) -> TrainConfig:
+    """Read a YAML config; relative data, pretrained and output paths are taken from the YAML's folder."""
+    raw = read_config_yaml(path, overrides)
+    base = Path(path).parent
+    if isinstance(raw.get("data"), dict) and "path" in raw["data"]:
+        raw["data"]["path"] = str(resolve_path(base, raw["data"]["path"]))
+    if raw.get("pretrained"):
+        raw["pretrained"] = str(resolve_path(base, raw["pretrained"]))
+    raw["output_dir"] = str(resolve_path(base, raw.get("output_dir", "runs")))
+    return validate_config(TrainConfig, raw, path)
+
+
+def resolve_path(base: Path, value: str) -> Path:
+    """A path from a config: ~ and $VARS expanded, relative ones taken from the config's folder."""
     p = Path(os.path.expandvars(os.path.expanduser(value)))
     return p if p.is_absolute() else (base / p).resolve()

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from medcl.card import ArchitectureSpec, Card, DataSpec, PreprocessSpec, SegmentationSpec
@@ -272,24 +272,17 @@ def is_segmenter_config(path: str | Path) -> bool:
 
 
 def load_segmenter_config(path: str | Path, overrides: dict | None = None) -> SegmenterConfig:
-    path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    base = path.parent
+    """Read a ``task: segment`` YAML; relative data and output paths are taken from the YAML's folder."""
+    from training.config import read_config_yaml, resolve_path, validate_config
+
+    raw = read_config_yaml(path, overrides)
+    base = Path(path).parent
+    data = raw.get("data")
     for key in ("images", "masks", "eval_images", "eval_instances"):
-        if raw.get("data", {}).get(key):
-            raw["data"][key] = str((base / raw["data"][key]).resolve())
-    raw["output_dir"] = str((base / raw.get("output_dir", "runs")).resolve())
-    try:
-        return SegmenterConfig.model_validate(raw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise SegmenterError(f"{path}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        if isinstance(data, dict) and data.get(key):
+            data[key] = str(resolve_path(base, data[key]))
+    raw["output_dir"] = str(resolve_path(base, raw.get("output_dir", "runs")))
+    return validate_config(SegmenterConfig, raw, path)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -307,8 +300,10 @@ def image_files(folder: str | Path) -> list[Path]:
 def read_rgb(path: Path, scale: float = 1.0) -> np.ndarray:
     from PIL import Image
 
+    from medcl.preprocess import to_rgb
+
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = to_rgb(im)  # the service's rules: alpha composited on white, 16-bit rescaled
         if scale != 1.0:
             im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
         return np.asarray(im, dtype=np.uint8)
@@ -544,9 +539,10 @@ def rules_of(spec: SegmentationSpec) -> InstanceRules:
                          min_area=spec.min_area, min_distance=spec.min_distance, threshold_rule=spec.threshold_rule)
 
 
-def evaluate_segmenter(network: nn.Module, spec: SegmentationSpec, images: str, instances: str,
-                       scale: float = 1.0) -> dict:
-    """Dice / AJI / PQ per held-out image and their means (labels used here only)."""
+def evaluate_segmenter(network: nn.Module, spec: SegmentationSpec, images: str | Path, instances: str | Path,
+                       scale: float = 1.0, predictions: dict[str, np.ndarray] | None = None) -> dict:
+    """Dice / AJI / PQ per held-out image and their means (labels used here only); the predicted
+    label images go into ``predictions`` (by file name) when a dict is given."""
     per_image = {}
     for f in tqdm(image_files(images), desc="evaluate", leave=False):
         truth_path = Path(instances) / f.name
@@ -558,6 +554,8 @@ def evaluate_segmenter(network: nn.Module, spec: SegmentationSpec, images: str, 
         rgb = read_rgb(f, scale)
         pred = instances_from_probability(nuclei_probability(network, spec, rgb), rules_of(spec))
         per_image[f.name] = segmentation_scores(truth, pred)
+        if predictions is not None:
+            predictions[f.name] = pred
     if not per_image:
         raise SegmenterError(f"no instance masks in {instances} match the images in {images}")
     keys = ("dice", "aji", "pq", "dq", "sq")
