@@ -106,7 +106,11 @@ def configured_models() -> ModelsConfig:
     except (ValidationError, yaml.YAMLError) as e:
         raise PackageError(f"the model list is not valid: {str(e).splitlines()[0]} {_first_error(e)}") from None
     package = default_package_dir()
-    name = slug(Card.load(package).name) if (package / "card.json").is_file() else "default"
+    if not (package / "card.json").is_file():
+        # The usual cause: a fresh clone, where the demo package does not exist until `make serve` builds it.
+        raise PackageError(f"no model package at {package} (no card.json): build the demo with `make serve`, "
+                           "or name a package with MEDCL_PACKAGE, MEDCL_MODEL or MEDCL_MODELS")
+    name = slug(Card.load(package).name)
     return ModelsConfig(models=[ModelEntry(name=name, package=str(package))])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,9 +89,12 @@ def test_health_and_metrics(api: httpx.Client) -> None:
     assert "medcl_images_total" in text and "bentoml_service_request" in text
 
 
-def test_the_serving_path_never_imports_torch() -> None:
+def test_the_serving_path_never_imports_torch(tiny_package: Path) -> None:
+    # The package is named explicitly: a fresh clone has no demo package until `make serve` builds it.
     code = "import sys, service.service; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "MEDCL_PACKAGE": str(tiny_package)}
+    env.pop("MEDCL_MODELS", None), env.pop("MEDCL_MODELS_FILE", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 
