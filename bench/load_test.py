@@ -18,19 +18,17 @@ import asyncio
 import io
 import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.machine import tree_rss_mb
 from bench.report import write_results
+from bench.servers import Server, bentoml_service
 
 REPO = Path(__file__).resolve().parent.parent
-KEY = "load-test-key-0000000000000"
 MIX = (("classify", 0.45), ("embed", 0.20), ("search", 0.25), ("cases", 0.10))
 
 
@@ -50,54 +48,7 @@ def images() -> list[bytes]:
     return out
 
 
-def tree_rss_mb(root: int) -> float:
-    """RSS of a process and all its descendants (BentoML's workers are children, not one group)."""
-    parents: dict[int, int] = {}
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                parents[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue
-    tree, grew = {root}, True
-    while grew:
-        new = {p for p, parent in parents.items() if parent in tree} - tree
-        tree |= new
-        grew = bool(new)
-    total = 0
-    for pid in tree:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total / 1024
-
-
-def start_service(package: Path, port: int, folder: Path) -> subprocess.Popen:
-    env = dict(os.environ, MEDCL_API_KEYS=f"{KEY}:admin", MEDCL_INDEX=f"embedded://{folder / 'index'}",
-               BENTOML_HOME=str(folder / "bentoml"), MEDCL_AUTH="on")
-    log = (folder / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "medcl.cli", "serve", "--package", str(package), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    import httpx
-
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"service exited: {(folder / 'serve.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("service not ready after 180 s")
-
-
-async def run_load(url: str, pool: list[bytes], concurrency: int, seconds: float, pgid: int) -> tuple[list, list]:
-    """``pgid``: the service's root process id (its session leader)."""
+async def run_load(server: Server, pool: list[bytes], concurrency: int, seconds: float) -> tuple[list, list]:
     import httpx
 
     records: list[tuple[str, int, float]] = []
@@ -108,7 +59,7 @@ async def run_load(url: str, pool: list[bytes], concurrency: int, seconds: float
 
     async def client(worker: int) -> None:
         rng = random.Random(worker)
-        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as http:
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=60) as http:
             n = 0
             while time.perf_counter() < stop:
                 kind = rng.choices(names, weights)[0]
@@ -125,7 +76,7 @@ async def run_load(url: str, pool: list[bytes], concurrency: int, seconds: float
 
     async def sample_memory() -> None:
         while time.perf_counter() < stop:
-            memory.append((round(time.perf_counter() - start, 1), round(tree_rss_mb(pgid), 1)))
+            memory.append((round(time.perf_counter() - start, 1), round(tree_rss_mb(server.pid), 1)))
             await asyncio.sleep(5)
 
     await asyncio.gather(sample_memory(), *(client(w) for w in range(concurrency)))
@@ -169,17 +120,9 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    from tests.conftest import free_port
-
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        proc = start_service(args.package.resolve(), port, Path(tmp))
-        try:
-            records, memory = asyncio.run(run_load(f"http://127.0.0.1:{port}", images(), args.concurrency,
-                                                   args.minutes * 60, proc.pid))
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+        with bentoml_service(args.package.resolve(), Path(tmp)) as server:
+            records, memory = asyncio.run(run_load(server, images(), args.concurrency, args.minutes * 60))
         # What the server said about its failures, kept beside the figures.
         server_log = [line for line in (Path(tmp) / "serve.log").read_text().splitlines()
                       if "Error" in line or "status=5" in line][-40:]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,7 +91,7 @@ def run_size(vectors: np.ndarray, queries: np.ndarray, milvus: bool) -> list[dic
         rows.append({"n": n, "system": name, "build_s": round(build_s, 1), "memory_mb": round(mem, 1),
                      "single_qps": round(single, 1), "batched_qps": round(batched, 1),
                      "recall@10": round(recall(found, truth), 4)})
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     # plain FAISS, exact
     before, start = rss_mb(), time.perf_counter()
@@ -120,13 +121,28 @@ def run_size(vectors: np.ndarray, queries: np.ndarray, milvus: bool) -> list[dic
     return rows
 
 
-def main() -> None:
+def embedding_sample(run: Path, n_queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The run's embeddings of every tile of its data (train, val, test), their labels, and up to
+    ``n_queries`` L2-normalised test embeddings as queries."""
     import torch
 
     from training.data import read_npz
     from training.engine import load_trained
     from training.metrics import predict
 
+    model, card = load_trained(run)
+    splits = read_npz(card.data.path, card.class_names)
+    with torch.no_grad():
+        parts = [(predict(model, s.images, card.preprocess.mean, card.preprocess.std)[1], s.labels)
+                 for s in (splits.train, splits.val, splits.test)]
+    emb = np.concatenate([e for e, _ in parts])
+    labels = np.concatenate([lab for _, lab in parts])
+    queries = parts[2][0][:n_queries].astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    return emb, labels, queries
+
+
+def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="the encoder whose embeddings give the vectors their structure")
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -135,15 +151,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
 
-    model, card = load_trained(args.run)
-    splits = read_npz(card.data.path, card.class_names)
-    with torch.no_grad():
-        parts = [(predict(model, s.images, card.preprocess.mean, card.preprocess.std)[1], s.labels)
-                 for s in (splits.train, splits.val, splits.test)]
-    emb = np.concatenate([e for e, _ in parts])
-    labels = np.concatenate([lab for _, lab in parts])
-    queries = parts[2][0][:args.queries].astype(np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    emb, labels, queries = embedding_sample(args.run, args.queries)
     rows = []
     for n in args.sizes:
         rows += run_size(mixture(emb, labels, n), queries, milvus=n <= args.milvus_max)

@@ -402,6 +402,22 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return _client_call(args, "segment")
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.speed import SECTIONS, BenchOptions, run_bench
+    from bench.speed_report import write_report
+
+    unknown = [s for s in args.only if s not in SECTIONS]
+    if unknown:
+        raise UsageError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    options = BenchOptions(run=args.run, run_224=args.run_224, segmenter_run=args.segmenter_run, seconds=args.seconds,
+                           concurrency=args.concurrency, tiles=args.tiles, sections=args.only or list(SECTIONS),
+                           search_size=args.search_size, out=args.out)
+    result = run_bench(options)
+    write_report(result, options.out, options.command())
+    print(json.dumps({"results": str(options.out.with_suffix(".md")), **result["headline"]}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medcl", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -515,6 +531,19 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--scopes", default="read", help="comma-separated: read, write, admin (default read)")
     k.add_argument("--file", help="key file (default: MEDCL_API_KEYS_FILE or MEDCL_HOME/api-keys.yaml)")
     k.set_defaults(func=cmd_keys)
+
+    bn = sub.add_parser("bench", help="speed, side by side in one run: raw onnxruntime, PyTorch eager, the service "
+                                      "over HTTP, TorchServe; segmentation per megapixel; case search")
+    bn.add_argument("--run", type=Path, help="the small model's run (default: the demo classifier, trained if missing)")
+    bn.add_argument("--run-224", type=Path, help="the 224 px model's run (default: configs/bench-resnet18-224.yaml)")
+    bn.add_argument("--segmenter-run", type=Path, help="default: the demo nuclei segmenter")
+    bn.add_argument("--seconds", type=float, default=8.0, help="measured seconds per cell (after warm-up)")
+    bn.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    bn.add_argument("--tiles", type=int, default=8, help="images per batch-of-tiles request")
+    bn.add_argument("--only", nargs="+", default=[], metavar="SECTION", help="demo, 224, segment, search (default: all)")
+    bn.add_argument("--search-size", type=int, default=100_000, help="vectors in the case-search benchmark")
+    bn.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="writes OUT.md, OUT.json, OUT.png")
+    bn.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="train the demo model if needed, then serve it")
     d.add_argument("action", choices=["prepare", "serve"])

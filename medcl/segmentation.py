@@ -29,6 +29,12 @@ class InstanceRules:
     # then stays empty). For the self-supervised maps, whose values are not calibrated probabilities.
     threshold_rule: str = "fixed"
 
+    @classmethod
+    def of(cls, spec) -> "InstanceRules":
+        """The rules a segmenter's card (``SegmentationSpec``) prescribes: one reading for service, training, bench."""
+        return cls(threshold=spec.threshold, open_radius=spec.open_radius, close_radius=spec.close_radius,
+                   min_area=spec.min_area, min_distance=spec.min_distance, threshold_rule=spec.threshold_rule)
+
 
 def haematoxylin(rgb: np.ndarray) -> np.ndarray:
     """Haematoxylin optical density per pixel (Ruifrok & Johnston colour deconvolution), float32 HxW."""

@@ -528,9 +528,7 @@ class Medcl:
         card = active.card
         started = time.perf_counter()
         spec = card.segmentation
-        rules = InstanceRules(threshold=spec.threshold, open_radius=spec.open_radius, close_radius=spec.close_radius,
-                              min_area=spec.min_area, min_distance=spec.min_distance,
-                              threshold_rule=spec.threshold_rule)
+        rules = InstanceRules.of(spec)
         out = []
         for i, (filename, data) in enumerate(self._uploads(images, images_base64, "segment")):
             image = to_rgb(self._decode(i, filename, data, "segment", MAX_SEGMENT_PIXELS))

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from bench.servers import free_port  # noqa: F401 - tests import it from here
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("MEDCL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -55,12 +52,6 @@ ADMIN_KEY = "test-admin-key-000000000000"
 READ_KEY = "test-read-only-key-0000000000"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def service_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The key file the test service watches (hot reload), starting with one write-scoped key."""
@@ -75,40 +66,11 @@ def service_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def running_service(package: Path | None, folder: Path, models: str | None = None, **env_extra: str) -> Iterator[str]:
     """A real `medcl serve` (BentoML + onnxruntime) on loopback with its own index; yields its URL.
     ``models`` (NAME=DIR,...) serves several models instead of one package."""
-    import httpx
+    from bench.servers import bentoml_service
 
-    port = free_port()
-    log = folder / "serve.log"
-    folder.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, MEDCL_PORT=str(port), BENTOML_HOME=str(folder / "bentoml"),
-               MEDCL_INDEX=f"embedded://{folder / 'index'}", MEDCL_AUTH="on",
-               MEDCL_API_KEYS=f"{ADMIN_KEY}:admin,{READ_KEY}:read")
-    env.update(env_extra)
-    with log.open("w") as f:
-        what = ["--models", models] if models else ["--package", str(package)]
-        proc = subprocess.Popen([sys.executable, "-m", "medcl.cli", "serve", *what, "--port", str(port)], stdout=f, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"service exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"service not ready after 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
+    keys = {"MEDCL_API_KEYS": f"{ADMIN_KEY}:admin,{READ_KEY}:read"}
+    with bentoml_service(package, folder, models, **{**keys, **env_extra}) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="session")

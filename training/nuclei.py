@@ -534,11 +534,6 @@ def nuclei_probability(network: nn.Module, spec: SegmentationSpec, rgb: np.ndarr
     return sliding_window(chw, run, spec.window, spec.receptive_radius)[spec.nuclei_channel]
 
 
-def rules_of(spec: SegmentationSpec) -> InstanceRules:
-    return InstanceRules(threshold=spec.threshold, open_radius=spec.open_radius, close_radius=spec.close_radius,
-                         min_area=spec.min_area, min_distance=spec.min_distance, threshold_rule=spec.threshold_rule)
-
-
 def evaluate_segmenter(network: nn.Module, spec: SegmentationSpec, images: str | Path, instances: str | Path,
                        scale: float = 1.0, predictions: dict[str, np.ndarray] | None = None) -> dict:
     """Dice / AJI / PQ per held-out image and their means (labels used here only); the predicted
@@ -552,7 +547,7 @@ def evaluate_segmenter(network: nn.Module, spec: SegmentationSpec, images: str |
 
         truth = np.asarray(Image.open(truth_path)).astype(np.int64)
         rgb = read_rgb(f, scale)
-        pred = instances_from_probability(nuclei_probability(network, spec, rgb), rules_of(spec))
+        pred = instances_from_probability(nuclei_probability(network, spec, rgb), InstanceRules.of(spec))
         per_image[f.name] = segmentation_scores(truth, pred)
         if predictions is not None:
             predictions[f.name] = pred

@@ -1,0 +1,90 @@
+"""Time per megapixel of nuclei segmentation on real 1000x1000 MoNuSeg tiles, split into the service's
+three stages, against the network's FLOP floor; then /segment end to end over HTTP.
+
+Stages, each the very function the service runs:
+- decode: the PNG bytes to RGB (``decode_image`` with the service's formats, ``to_rgb``) and to the
+  (3, H, W) float tensor;
+- inference: the sliding window of onnxruntime calls (``sliding_window``, the card's window and margin);
+- post-processing: threshold, watershed instances, per-nucleus description (``instances_from_probability``,
+  ``describe_instances``).
+The floor is the network's FLOP count on the whole tile at once (torch's counter) divided by the
+machine's GEMM peak; the windows overlap, so inference does somewhat more work than that.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.engines import summarise_latencies
+from bench.machine import model_gflops
+
+
+def stage_timings(package_dir: Path, tiles: list[Path]) -> dict:
+    from medcl.preprocess import SERVICE_FORMATS, decode_image, to_rgb
+    from medcl.segmentation import InstanceRules, describe_instances, instances_from_probability, sliding_window
+    from service.package import ModelPackage
+
+    package = ModelPackage(package_dir)
+    spec = package.card.segmentation
+    rules = InstanceRules.of(spec)
+    stages: dict[str, float] = {"decode": 0.0, "inference": 0.0, "post_processing": 0.0}
+    megapixels, nuclei = 0.0, 0
+    for n, path in enumerate(tiles):
+        data = path.read_bytes()
+        t0 = time.perf_counter()
+        image = to_rgb(decode_image(data, 4096 * 4096, SERVICE_FORMATS))
+        chw = np.ascontiguousarray(np.asarray(image, dtype=np.float32).transpose(2, 0, 1)) / 255.0
+        t1 = time.perf_counter()
+        probability = sliding_window(chw, lambda b: package.run(b, "nuclei"), spec.window, spec.receptive_radius)
+        probability = probability[0]
+        t2 = time.perf_counter()
+        found = describe_instances(instances_from_probability(probability, rules), None)
+        t3 = time.perf_counter()
+        if n == 0:
+            continue  # warm-up: session start, first allocations
+        stages["decode"] += t1 - t0
+        stages["inference"] += t2 - t1
+        stages["post_processing"] += t3 - t2
+        megapixels += image.width * image.height / 1e6
+        nuclei += len(found)
+    per_mp = {k: round(v / megapixels, 4) for k, v in stages.items()}
+    per_mp["total"] = round(sum(stages.values()) / megapixels, 4)
+    return {"seconds_per_megapixel": per_mp, "tiles_timed": len(tiles) - 1, "megapixels": round(megapixels, 2),
+            "nuclei_per_tile": round(nuclei / max(1, len(tiles) - 1), 1), "window": spec.window,
+            "margin": spec.receptive_radius, "provider": package.provider}
+
+
+def flop_floor(run_dir: Path, height: int, width: int, peak_gflops: float) -> dict:
+    """The network's GFLOP on one whole tile and the time that costs at the GEMM peak, per megapixel."""
+    from training.nuclei import load_segmenter
+
+    network, _ = load_segmenter(run_dir)
+    gflop = model_gflops(network, (3, height, width))
+    per_mp = gflop / (height * width / 1e6)
+    return {"gflop_per_megapixel": round(per_mp, 2), "floor_seconds_per_megapixel": round(per_mp / peak_gflops, 4)}
+
+
+def http_timings(url: str, headers: dict[str, str], tiles: list[Path]) -> dict:
+    """One tile per request, one request at a time: seconds per megapixel as a client sees it."""
+    import httpx
+    from PIL import Image
+
+    latencies, megapixels = [], 0.0
+    with httpx.Client(headers=headers, timeout=300) as http:
+        for n, path in enumerate(tiles):
+            t0 = time.perf_counter()
+            r = http.post(f"{url}/segment", files=[("images", (path.name, path.read_bytes(), "image/png"))])
+            elapsed = time.perf_counter() - t0
+            if r.status_code != 200:
+                raise RuntimeError(f"/segment answered {r.status_code}: {r.text[:300]}")
+            if n == 0:
+                continue
+            latencies.append(elapsed)
+            with Image.open(path) as im:
+                megapixels += im.width * im.height / 1e6
+    result = summarise_latencies(latencies, images=len(latencies), requests=len(latencies), elapsed=sum(latencies))
+    result["seconds_per_megapixel"] = round(sum(latencies) / megapixels, 4)
+    return result

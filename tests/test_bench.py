@@ -1,0 +1,74 @@
+"""`medcl bench` end to end on a tiny model: every system measured, the headline ratios computed from
+the rows, the page's hand-written part kept. Figures are never asserted (speed belongs in docs/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.http_load import multipart_images
+from bench.servers import torchserve_available
+from bench.speed import headline_ratios
+
+
+def test_bench_measures_every_system_and_keeps_the_handwritten_page(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "docs" / "benchmarks"
+    out.parent.mkdir()
+    out.with_suffix(".md").write_text("# Benchmarks\n\nHand-written: what was changed and why.\n")
+    done = subprocess.run([sys.executable, "-m", "medcl.cli", "bench", "--run", str(tiny_run), "--only", "demo",
+                           "--seconds", "0.5", "--concurrency", "1", "2", "--tiles", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = result["models"]["demo"]["rows"]
+    systems = {r["system"].split(" (")[0] for r in rows}
+    expected = {"onnxruntime", "PyTorch eager", "BentoML service"}
+    if torchserve_available() is None:
+        expected.add("TorchServe")
+    assert expected <= systems, systems
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"], r
+        if "statuses" in r:
+            assert set(r["statuses"]) == {"200"}, r  # every request of the load answered
+    assert {(r["request"], r["concurrency"]) for r in rows if r["system"].startswith("BentoML")} == \
+        {("1 image", 1), ("1 image", 2), ("2 tiles", 1), ("2 tiles", 2)}
+    assert result["headline"] == headline_ratios(result["models"])
+    if "TorchServe" in systems:
+        assert result["headline"]["service_over_torchserve_demo_c2"] > 0
+    assert result["gemm_gflops"]["peak"] > 0 and result["models"]["demo"]["gflop_per_image"] > 0
+    page = out.with_suffix(".md").read_text()
+    assert page.startswith("# Benchmarks\n\nHand-written: what was changed and why.")
+    assert "| BentoML service (HTTP) | 2 tiles | 2 |" in page and out.with_suffix(".png").stat().st_size > 10_000
+    assert "medcl bench --run" in page  # the command that produced it
+
+
+def test_headline_ratios_are_read_from_the_rows() -> None:
+    def r(system: str, request: str, c: int, ips: float, rps: float, p99: float) -> dict:
+        return {"system": system, "request": request, "concurrency": c, "images_per_s": ips,
+                "requests_per_s": rps, "p99_ms": p99}
+
+    models = {"224": {"rows": [r("onnxruntime (CPU, in process)", "batch 8", 8, 20.0, 2.5, 1),
+                               r("onnxruntime (CPU, in process)", "batch 32", 32, 22.0, 0.7, 1),
+                               r("BentoML service (HTTP)", "8 tiles", 32, 21.0, 2.6, 1)]},
+              "demo": {"rows": [r("BentoML service (HTTP)", "1 image", 32, 300.0, 300.0, 150.0),
+                                r("BentoML service (HTTP)", "8 tiles", 32, 500.0, 60.0, 900.0),
+                                r("TorchServe (.mar, HTTP)", "1 image", 32, 100.0, 100.0, 400.0)]}}
+    assert headline_ratios(models) == {"service_over_onnxruntime_224": pytest.approx(21 / 22, abs=1e-3),
+                                       "service_over_torchserve_demo_c32": 3.0,
+                                       "p99_ms_demo_c32": {"service": 150.0, "torchserve": 400.0}}
+
+
+def test_multipart_bodies_parse_back_to_their_fields_and_files() -> None:
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    body = multipart_images([("a.png", b"\x89PNG1"), ("b.jpg", b"\xff\xd8JPEG")], {"top_k": "3"})
+    assert body.images == 2
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {body.content_type}\r\n\r\n".encode() + body.body)
+    parts = [(p.get_param("name", header="content-disposition"), p.get_filename(), p.get_payload(decode=True))
+             for p in message.iter_parts()]
+    assert parts == [("top_k", None, b"3"), ("images", "a.png", b"\x89PNG1"), ("images", "b.jpg", b"\xff\xd8JPEG")]
