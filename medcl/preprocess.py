@@ -60,8 +60,8 @@ def decode_image(data: bytes | str | os.PathLike[str], max_pixels: int = DEFAULT
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageTooLargeError(f"image is {width}x{height} pixels, above the limit of {max_pixels}")
-            im.load()
-            return im.copy() if im.mode in ("RGB", "RGBA", "L", "I;16", "I", "F", "LA", "P") else im.convert("RGB")
+            im.load()  # pixels now in memory: the image outlives the closed source without a copy
+            return im if im.mode in ("RGB", "RGBA", "L", "I;16", "I", "F", "LA", "P") else im.convert("RGB")
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:

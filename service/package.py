@@ -41,6 +41,10 @@ def session_options(threads: int | None = None):
     # One intra-op pool sized to the cores; inter-op parallelism off so pools do not oversubscribe.
     opts.intra_op_num_threads = threads or int(os.environ.get("MEDCL_ORT_THREADS", 0)) or (os.cpu_count() or 1)
     opts.inter_op_num_threads = 1
+    if os.environ.get("MEDCL_ORT_SPIN", "0") != "1":
+        # onnxruntime's pool threads spin (busy-wait) after each run by default; in a server, where
+        # the same cores decode images and parse HTTP between runs, that spinning took ~1 core here.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return opts
 

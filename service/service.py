@@ -43,6 +43,8 @@ from medcl.segmentation import InstanceRules
 from medcl.auth import KeyStore, auth_disabled
 from service import metrics
 from service.cases import extra_app
+from service.batching import MicroBatcher
+from service.fast_paths import cache_media_types
 from service.hardening import defer_session_close, harden_multipart_parsing
 from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from service.package import ModelPackage
@@ -63,6 +65,7 @@ MAX_BODY_BYTES = int(os.environ.get("MEDCL_MAX_BODY_BYTES", 256 * 1024 * 1024))
 KEYS: KeyStore | None = None if auth_disabled() else KeyStore.from_environment()
 harden_multipart_parsing()
 defer_session_close()
+cache_media_types()
 IMAGES_BASE64 = Field(default_factory=list, description="Images as base64 strings (a data: URI prefix is accepted), "
                       "for JSON clients; multipart clients send files in 'images'")
 
@@ -159,9 +162,10 @@ SLOTS = ("a", "b")
 class _Slots:
     """The packages of one model service, by slot; shared by the classifier and segmenter services."""
 
-    def __init__(self, name: str, package_dir: Path) -> None:
+    def __init__(self, name: str, package_dir: Path, threads: int | None = None) -> None:
         self.name = name
-        self.packages: dict[str, ModelPackage | None] = {"a": ModelPackage(package_dir), "b": None}
+        self.threads = threads  # onnxruntime intra-op threads per session (None: MEDCL_ORT_THREADS or all cores)
+        self.packages: dict[str, ModelPackage | None] = {"a": ModelPackage(package_dir, threads), "b": None}
         _model_info_metric(self.packages["a"], name)
 
     def get(self, slot: str) -> ModelPackage:
@@ -180,7 +184,7 @@ class _Slots:
         incoming = Card.load(package_dir)
         if current is not None and current.card.version == incoming.version:
             return incoming.version
-        package = ModelPackage(package_dir)
+        package = ModelPackage(package_dir, self.threads)
         self.packages[slot] = package
         if current is not None and current.card.version not in self.versions().values():
             metrics.MODEL_INFO.labels(self.name, current.card.version, current.provider).set(0)
@@ -199,7 +203,7 @@ def classifier_service(name: str, package_dir: Path) -> type:
         """An encoder's onnxruntime sessions; the batchable methods batch requests from all API workers."""
 
         def __init__(self) -> None:
-            self.slots = _Slots(name, package_dir)
+            self.slots = _Slots(name, package_dir, classifier_ort_threads())
 
         def _run(self, slot: str, batch: np.ndarray, output: str) -> np.ndarray:
             start = time.perf_counter()
@@ -295,6 +299,26 @@ PACKAGE_DIRS: dict[str, Path] = {m.name: m.package_dir() for m in MODELS.models}
 CARDS: dict[str, Card] = {name: Card.load(d) for name, d in PACKAGE_DIRS.items()}
 # Each model service is a class attribute of the API (BentoML finds dependencies among its attributes).
 _DEPENDENCY_ATTR = {name: f"model_{i}" for i, name in enumerate(CARDS)}
+# Where each model runs. "inline" (the default): in the API process, concurrent requests batched by
+# service/batching.py; on a CPU host, where API and model share the same cores, this avoids an HTTP
+# hop, a pickle and a second server per request (docs/benchmarks.md measured the difference).
+# "separate": each model its own BentoML service process with adaptive batching (bentoml.depends),
+# for deployments that put models on GPU nodes and scale them apart from the API.
+PLACEMENT = os.environ.get("MEDCL_MODEL_PLACEMENT", "inline").strip().lower()
+if PLACEMENT not in ("inline", "separate"):
+    raise ValueError(f"MEDCL_MODEL_PLACEMENT={PLACEMENT!r}: use 'inline' or 'separate'")
+BATCHED_METHODS = frozenset({"logits", "embeddings"})
+
+
+def classifier_ort_threads() -> int | None:
+    """Inline, a classifier's session runs each batch on one thread and MicroBatcher runs one batch
+    per core; separate, the model process has the cores to itself and one run uses them all."""
+    explicit = int(os.environ.get("MEDCL_ORT_THREADS", 0))
+    return explicit or (1 if PLACEMENT == "inline" else None)
+
+
+def batcher_workers() -> int:
+    return 1 if classifier_ort_threads() is None else max(1, (os.cpu_count() or 1) // classifier_ort_threads())
 # Models named by a store reference (champion/challenger) are re-resolved this often, so a promotion
 # or rollback reaches the running service; 0 turns it off (POST /models/reload still works).
 FOLLOW_SECONDS = float(os.environ.get("MEDCL_FOLLOW_SECONDS", 10))
@@ -317,6 +341,10 @@ class Medcl:
         self.active: dict[str, Active] = {name: self._activate(name, "a", CARDS[name], PACKAGE_DIRS[name])
                                           for name in CARDS}
         self._providers: dict[str, str] = {}
+        # Inline placement: the model services' classes instantiated here, in this process.
+        self._inline = {name: MODEL_SERVICES[name]() for name in CARDS} if PLACEMENT == "inline" else {}
+        self._batchers: dict[tuple[str, str], MicroBatcher] = {}
+        self._batchers_lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self._followed = [m for m in MODELS.models if m.model is not None]
         self._last_follow = time.monotonic()
@@ -416,7 +444,16 @@ class Medcl:
                 active.index.close()  # saves the HNSW graph, if any, so the next start need not rebuild it
 
     def _service_of(self, name: str):
-        return getattr(self, _DEPENDENCY_ATTR[name])
+        """The model's service: the instance in this process (inline) or the proxy to its process."""
+        return self._inline[name] if self._inline else getattr(self, _DEPENDENCY_ATTR[name])
+
+    def _batcher(self, name: str, method: str) -> MicroBatcher:
+        key = (name, method)
+        with self._batchers_lock:
+            if key not in self._batchers:
+                self._batchers[key] = MicroBatcher(getattr(self._inline[name], method), MAX_BATCH_SIZE,
+                                                   f"{name}-{method}", workers=batcher_workers())
+            return self._batchers[key]
 
     def _call_model(self, active: Active, method: str, payload: np.ndarray, endpoint: str) -> np.ndarray:
         """Call a model service's ``method`` on the request's slot, retrying connection-level failures:
@@ -426,6 +463,10 @@ class Medcl:
         service's uvicorn closes them after 5 s, so the first burst after an idle gap can hit a
         closed connection (bentoml/BentoML#4971). Seen here as 17 of 300 requests failing with 500.
         """
+        if self._inline:
+            if method in BATCHED_METHODS:
+                return self._batcher(active.name, f"{method}_{active.slot}")(payload)
+            return getattr(self._inline[active.name], f"{method}_{active.slot}")(payload)
         call = getattr(self._service_of(active.name), f"{method}_{active.slot}")
         for attempt in range(3):
             try:
@@ -673,12 +714,17 @@ class Medcl:
         return CasesAdded(ids=ids, model_version=card.version)
 
 
-for _name, _card in CARDS.items():
-    _factory = segmenter_service if _card.task == "segment" else classifier_service
-    setattr(Medcl, _DEPENDENCY_ATTR[_name], bentoml.depends(_factory(_name, PACKAGE_DIRS[_name])))
+MODEL_SERVICES = {name: (segmenter_service if card.task == "segment" else classifier_service)(name, PACKAGE_DIRS[name])
+                  for name, card in CARDS.items()}
+if PLACEMENT == "separate":
+    for _name, _service in MODEL_SERVICES.items():
+        setattr(Medcl, _DEPENDENCY_ATTR[_name], bentoml.depends(_service))
 
 Medcl = bentoml.asgi_app(extra_app, path="/")(
-    bentoml.service(name="medcl", workers=1, threads=16, traffic={"timeout": 120, "max_concurrency": 256})(Medcl))
+    # BentoML's own access log is off: RequestContextMiddleware writes one JSON line per request (with
+    # its id and caller), and a second line per request cost the event loop ~5% at concurrency 32.
+    bentoml.service(name="medcl", workers=1, threads=16, traffic={"timeout": 120, "max_concurrency": 256},
+                    logging={"access": {"enabled": False}})(Medcl))
 
 # Outermost first: the request log sees every answer, including the limit's 413s and the keys' 401s.
 Medcl.add_asgi_middleware(RequestContextMiddleware)

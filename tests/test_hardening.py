@@ -31,3 +31,42 @@ def test_replaced_internal_session_stays_open_for_in_flight_requests() -> None:
     assert open_now, "the replaced session was closed while requests could still be reading from it"
     assert closed_later, "the replaced session was never closed (a connection leak)"
     assert current_closed
+
+
+def test_media_types_are_computed_once_per_class_and_unchanged() -> None:
+    from _bentoml_sdk.io_models import IOMixin, ensure_io_descriptor
+
+    from pydantic import BaseModel
+
+    from service.fast_paths import cache_media_types
+
+    class Prediction(BaseModel):  # the shape of the service's answers (service.service needs a package)
+        label: str
+        score: float
+
+    originals = {}
+    for typ in (list[Prediction], Prediction, str, dict):
+        descriptor = ensure_io_descriptor(typ)
+        originals[typ] = (descriptor, IOMixin.mime_type.__func__(descriptor))
+    cache_media_types()
+    cache_media_types()  # idempotent: the module is imported by every worker
+    for typ, (descriptor, expected) in originals.items():
+        assert descriptor.mime_type() == expected
+    # the second call must not rebuild the JSON schema
+    descriptor = originals[list[Prediction]][0]
+    calls = []
+    original_schema = descriptor.model_json_schema
+    descriptor.model_json_schema = classmethod(lambda cls, *a, **k: calls.append(1) or original_schema(*a, **k))
+    try:
+        descriptor.mime_type()
+    finally:
+        del descriptor.model_json_schema
+    assert calls == []
+
+
+def test_onnxruntime_threads_do_not_spin_in_the_server(tiny_package) -> None:
+    from service.package import ModelPackage, session_options
+
+    assert session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    package = ModelPackage(tiny_package, threads=1)
+    assert package.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"

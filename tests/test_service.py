@@ -143,3 +143,19 @@ def test_concurrent_requests_are_batched_and_none_is_shed(api: httpx.Client) -> 
     total = sum(float(line.split()[-1]) for line in text.splitlines()
                 if line.startswith("medcl_model_batch_size_sum") and 'output="logits"' in line)
     assert count > 0 and total / count > 1.0, "adaptive batching never formed a batch"
+
+
+def test_separate_model_processes_answer_like_inline(api: httpx.Client, tiny_package: Path, tmp_path: Path) -> None:
+    """MEDCL_MODEL_PLACEMENT=separate (each model its own BentoML process, for GPU deployments) gives
+    the inline default's answers."""
+    from tests.conftest import ADMIN_KEY, running_service
+
+    photos = sorted(shared("blood-photos").rglob("*.jpg"))[::150]
+    inline = post_files(api, "/classify", photos).json()
+    with running_service(tiny_package, tmp_path / "separate", MEDCL_MODEL_PLACEMENT="separate") as url:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as client:
+            separate = post_files(client, "/classify", photos).json()
+            models = client.get("/models").json()
+    assert [a["label"] for a in separate] == [a["label"] for a in inline]
+    assert [a["score"] for a in separate] == pytest.approx([a["score"] for a in inline], abs=1e-5)
+    assert models["models"][0]["provider"] == "CPU"  # asked of the separate model process
