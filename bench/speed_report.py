@@ -57,6 +57,14 @@ def markdown(result: dict, figure: Path | None) -> list[str]:
                          f"{r['fraction_of_compute_limit']:.1%} | {statuses} |")
         lines += ["", "Memory (RSS) at the end: " + "; ".join(f"{k} {v} MB" for k, v in model["memory_rss_mb_at_end"].items())
                   + "."]
+        paired = model.get("paired")
+        if paired:
+            lines += ["", f"Headline, re-measured in {len(paired['rounds'])} alternating rounds ({paired['what']}, "
+                      f"{paired['metric'].replace('_', ' ')}): " + "; ".join(
+                          " / ".join(f"{v}" for k, v in r.items() if not k.endswith("p99_ms") and k != "ratio")
+                          + f" = {r['ratio']}" for r in paired["rounds"])
+                      + f". Median ratio **{paired['median_ratio']}**; median p99 "
+                      + ", ".join(f"{k} {v} ms" for k, v in paired["p99_ms_median"].items()) + "."]
         if model.get("torchserve_skipped"):
             lines.append(f"TorchServe not measured: {model['torchserve_skipped']}.")
         lines.append("")

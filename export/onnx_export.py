@@ -46,8 +46,8 @@ def parity_images(card: Card, parity_data: str | Path | None, limit: int) -> tup
             return archive[f"{card.data.test_split}_images"][:limit].astype(np.uint8), \
                 f"{card.data.path} ({card.data.test_split} split)"
     raise FileNotFoundError(
-        f"the training data ({card.data.path}) is not here for the parity check: pass --parity-data DIR "
-        "with real held-out images")
+        f"no images for the parity check: pass --parity-data DIR with real held-out images (the run's own test "
+        f"split is read only from npz data that is still here; this run's is {card.data.kind} at {card.data.path})")
 
 
 def labelled_splits(card: Card, data: str | Path | None, n_held_out: int = 2000, n_calibration: int = 256,

@@ -411,7 +411,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     options = BenchOptions(run=args.run, run_224=args.run_224, segmenter_run=args.segmenter_run, seconds=args.seconds,
                            concurrency=args.concurrency, tiles=args.tiles, sections=args.only or list(SECTIONS),
-                           search_size=args.search_size, out=args.out)
+                           search_size=args.search_size, rounds=args.rounds, out=args.out)
     result = run_bench(options)
     write_report(result, options.out, options.command())
     print(json.dumps({"results": str(options.out.with_suffix(".md")), **result["headline"]}))
@@ -542,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--tiles", type=int, default=8, help="images per batch-of-tiles request")
     bn.add_argument("--only", nargs="+", default=[], metavar="SECTION", help="demo, 224, segment, search (default: all)")
     bn.add_argument("--search-size", type=int, default=100_000, help="vectors in the case-search benchmark")
+    bn.add_argument("--rounds", type=int, default=3,
+                    help="paired, alternating re-measurements behind each headline ratio (0: read them from the grid)")
     bn.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="writes OUT.md, OUT.json, OUT.png")
     bn.set_defaults(func=cmd_bench)
 

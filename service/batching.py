@@ -45,10 +45,13 @@ class MicroBatcher:
         with self._wake:
             while not self._queue:
                 self._wake.wait()
+            # A fair share of what is queued, so one worker never takes it all while the others idle.
+            queued = sum(len(a) for a, _ in self._queue)
+            limit = min(self._max_batch, -(-queued // len(self._threads)))
             taken = [self._queue.popleft()]
             size = len(taken[0][0])
             # A request larger than the rest of the batch waits for the next run, never splits.
-            while self._queue and size + len(self._queue[0][0]) <= self._max_batch:
+            while self._queue and size + len(self._queue[0][0]) <= limit:
                 item = self._queue.popleft()
                 taken.append(item)
                 size += len(item[0])

@@ -20,7 +20,8 @@ def test_bench_measures_every_system_and_keeps_the_handwritten_page(tiny_run: Pa
     out.parent.mkdir()
     out.with_suffix(".md").write_text("# Benchmarks\n\nHand-written: what was changed and why.\n")
     done = subprocess.run([sys.executable, "-m", "medcl.cli", "bench", "--run", str(tiny_run), "--only", "demo",
-                           "--seconds", "0.5", "--concurrency", "1", "2", "--tiles", "2", "--out", str(out)],
+                           "--seconds", "0.5", "--concurrency", "1", "2", "--tiles", "2", "--rounds", "1",
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())
@@ -38,7 +39,9 @@ def test_bench_measures_every_system_and_keeps_the_handwritten_page(tiny_run: Pa
         {("1 image", 1), ("1 image", 2), ("2 tiles", 1), ("2 tiles", 2)}
     assert result["headline"] == headline_ratios(result["models"])
     if "TorchServe" in systems:
-        assert result["headline"]["service_over_torchserve_demo_c2"] > 0
+        paired = result["models"]["demo"]["paired"]
+        assert len(paired["rounds"]) == 1 and paired["metric"] == "requests_per_s"
+        assert result["headline"]["service_over_torchserve_demo_c2"] == paired["median_ratio"] > 0
     assert result["gemm_gflops"]["peak"] > 0 and result["models"]["demo"]["gflop_per_image"] > 0
     page = out.with_suffix(".md").read_text()
     assert page.startswith("# Benchmarks\n\nHand-written: what was changed and why.")

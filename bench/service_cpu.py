@@ -1,0 +1,133 @@
+"""Where the service's CPU goes under load: core-milliseconds per request, by process and by thread.
+
+    python -m bench.service_cpu --package .medcl/packages/demo-bloodmnist --concurrency 32 --seconds 12 \\
+        [--env MEDCL_MODEL_PLACEMENT=separate] [--py-spy]
+
+Starts ``medcl serve`` on the package, loads /classify with single real images (closed loop), and
+reads each process's and thread's CPU time from /proc before and after. On a machine this small,
+CPU per request is the steadier figure: throughput swings by ±15% from run to run with what the
+neighbours do, CPU per request much less. ``--py-spy`` also records the API process's Python
+stacks (py-spy must be installed) and prints where its event loop spends its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from bench.http_load import multipart_images, run_closed_loop
+from bench.servers import bentoml_service
+from bench.speed import demo_images
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(stat_path: Path) -> float:
+    fields = stat_path.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def service_processes(root: int) -> dict[int, str]:
+    """The server's processes (pid -> short role) found by their command lines."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+        except OSError:
+            continue
+        if "service.service:Medcl" not in cmd:
+            continue
+        if "--service-name medcl-model-" in cmd:
+            out[int(pid)] = "model process " + cmd.split("--service-name ")[1].split()[0]
+        elif "--service-name medcl " in cmd:
+            out[int(pid)] = "API process"
+        elif int(pid) == root or "bentoml serve" in cmd:
+            out[int(pid)] = "supervisor"
+    return out
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    return {int(t): _cpu_seconds(Path(f"/proc/{pid}/task/{t}/stat")) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Python thread names by native id, from py-spy when it is installed."""
+    spy = shutil.which("py-spy")
+    if not spy:
+        return {}
+    dump = subprocess.run([spy, "dump", "-p", str(pid)], capture_output=True, text=True).stdout
+    names = {}
+    for line in dump.splitlines():
+        if line.startswith("Thread "):
+            parts = line.split()
+            try:
+                names[int(parts[1], 0)] = line.split('"')[1] if '"' in line else parts[1]
+            except ValueError:
+                continue
+    return names
+
+
+def event_loop_hotspots(raw: Path, top: int = 15) -> list[tuple[str, float]]:
+    """Inclusive share of the main thread's samples per frame, from py-spy's raw output."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if "MainThread" not in stack:
+            continue
+        total += int(n)
+        for frame in set(stack.split(";")[8:]):
+            counts[frame.split(" (")[0]] += int(n)
+    return [(frame, round(n / total, 3)) for frame, n in counts.most_common(top)] if total else []
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--package", type=Path, default=Path(".medcl/packages/demo-bloodmnist"))
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=12)
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="service environment")
+    p.add_argument("--py-spy", action="store_true", help="record the API process's stacks too")
+    args = p.parse_args()
+    env = dict(item.split("=", 1) for item in args.env)
+    images, _ = demo_images()
+    requests = [multipart_images([image]) for image in images]
+    with tempfile.TemporaryDirectory() as tmp, bentoml_service(args.package.resolve(), Path(tmp), **env) as server:
+        url = f"{server.url}/classify"
+        run_closed_loop(url, requests, args.concurrency, 3, server.headers)  # warm-up
+        processes = service_processes(server.pid)
+        api = next((pid for pid, role in processes.items() if role == "API process"), None)
+        before = {pid: _cpu_seconds(Path(f"/proc/{pid}/stat")) for pid in processes}
+        threads_before = thread_cpu(api) if api else {}
+        spy = None
+        if args.py_spy and api and shutil.which("py-spy"):
+            spy = subprocess.Popen(["py-spy", "record", "-d", str(int(args.seconds)), "-r", "50", "-f", "raw",
+                                    "-o", str(Path(tmp) / "api.txt"), "-p", str(api), "-t"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result = run_closed_loop(url, requests, args.concurrency, args.seconds, server.headers)
+        if spy:
+            spy.wait()
+        n = max(1, result["requests"])
+        per_process = {f"{role} ({pid})": round((_cpu_seconds(Path(f"/proc/{pid}/stat")) - before[pid]) / n * 1000, 2)
+                       for pid, role in processes.items()}
+        report = {"env": env, "concurrency": args.concurrency, "load": result,
+                  "cpu_ms_per_request": {"total": round(sum(per_process.values()), 2), **per_process}}
+        if api:
+            names = thread_names(api)
+            after = thread_cpu(api)
+            busiest = sorted(((after[t] - threads_before.get(t, 0.0), t) for t in after), reverse=True)[:6]
+            report["api_threads_cpu_ms_per_request"] = {f"{names.get(t, 'native')} ({t})": round(s / n * 1000, 2)
+                                                        for s, t in busiest}
+        if spy and (Path(tmp) / "api.txt").is_file():
+            report["event_loop_hotspots"] = event_loop_hotspots(Path(tmp) / "api.txt")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
