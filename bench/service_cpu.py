@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -56,9 +57,15 @@ def thread_cpu(pid: int) -> dict[int, float]:
     return {int(t): _cpu_seconds(Path(f"/proc/{pid}/task/{t}/stat")) for t in os.listdir(f"/proc/{pid}/task")}
 
 
+def py_spy() -> str | None:
+    """py-spy on PATH or beside this interpreter (a virtual environment's bin/)."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+
+
 def thread_names(pid: int) -> dict[int, str]:
     """Python thread names by native id, from py-spy when it is installed."""
-    spy = shutil.which("py-spy")
+    spy = py_spy()
     if not spy:
         return {}
     dump = subprocess.run([spy, "dump", "-p", str(pid)], capture_output=True, text=True).stdout
@@ -106,8 +113,8 @@ def main() -> None:
         before = {pid: _cpu_seconds(Path(f"/proc/{pid}/stat")) for pid in processes}
         threads_before = thread_cpu(api) if api else {}
         spy = None
-        if args.py_spy and api and shutil.which("py-spy"):
-            spy = subprocess.Popen(["py-spy", "record", "-d", str(int(args.seconds)), "-r", "50", "-f", "raw",
+        if args.py_spy and api and py_spy():
+            spy = subprocess.Popen([py_spy(), "record", "-d", str(int(args.seconds)), "-r", "50", "-f", "raw",
                                     "-o", str(Path(tmp) / "api.txt"), "-p", str(api), "-t"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         result = run_closed_loop(url, requests, args.concurrency, args.seconds, server.headers)

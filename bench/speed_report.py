@@ -26,6 +26,8 @@ def write_report(result: dict, out: Path, command: str) -> None:
 
 
 def _fmt(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
     return "–" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
 
 
