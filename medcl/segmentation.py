@@ -106,16 +106,22 @@ def relabel(labels: np.ndarray) -> np.ndarray:
 def describe_instances(labels: np.ndarray, pixel_size_um: float | None = None,
                        tolerance: float = 0.75) -> list[dict]:
     """Per nucleus: id, centroid (x, y), area in px (and µm² with a pixel size), bbox [x0, y0, x1, y1)
-    and the outer contour as a closed polygon of (x, y) pixel-corner coordinates."""
-    from skimage.measure import approximate_polygon, find_contours, regionprops
+    and the outer contour as a closed polygon of (x, y) pixel-corner coordinates, simplified to within
+    ``tolerance`` px (Douglas-Peucker, topology kept, all nuclei in one GEOS call: skimage's per-contour
+    ``approximate_polygon`` took 60% of /segment's post-processing on a 1000x1000 tile)."""
+    from skimage.measure import find_contours, regionprops
 
-    out = []
-    for region in regionprops(labels):
-        y0, x0, y1, x1 = region.bbox
+    regions = regionprops(labels)
+    rings = []
+    for region in regions:
+        y0, x0, _, _ = region.bbox
         crop = np.pad(region.image, 1)
-        contour = max(find_contours(crop.astype(np.uint8), 0.5), key=len)
-        contour = approximate_polygon(contour, tolerance)
-        polygon = [[round(float(x) - 1 + x0 + 0.5, 2), round(float(y) - 1 + y0 + 0.5, 2)] for y, x in contour]
+        contour = max(find_contours(crop.astype(np.uint8), 0.5), key=len)  # (row, col), closed
+        rings.append(np.column_stack([contour[:, 1] - 1 + x0 + 0.5, contour[:, 0] - 1 + y0 + 0.5]))
+    out = []
+    for region, ring in zip(regions, simplify_rings(rings, tolerance)):
+        y0, x0, y1, x1 = region.bbox
+        polygon = [[round(float(x), 2), round(float(y), 2)] for x, y in ring]
         if polygon[0] != polygon[-1]:
             polygon.append(polygon[0])
         polygon = _valid_ring(polygon, region.bbox)
@@ -125,6 +131,26 @@ def describe_instances(labels: np.ndarray, pixel_size_um: float | None = None,
         if pixel_size_um is not None:
             item["area_um2"] = round(float(region.area) * pixel_size_um ** 2, 3)
         out.append(item)
+    return out
+
+
+def simplify_rings(rings: list[np.ndarray], tolerance: float) -> list[np.ndarray]:
+    """Closed (x, y) rings simplified together; a ring GEOS cannot make a polygon of (under 4 points)
+    comes back as it was."""
+    import shapely
+
+    usable = [i for i, r in enumerate(rings) if len(r) >= 4]
+    out = list(rings)
+    if not usable:
+        return out
+    coords = np.concatenate([rings[i] for i in usable])
+    index = np.repeat(np.arange(len(usable)), [len(rings[i]) for i in usable])
+    polygons = shapely.polygons(shapely.linearrings(coords, indices=index))
+    simplified = shapely.simplify(polygons, tolerance, preserve_topology=True)
+    points, owner = shapely.get_coordinates(simplified, return_index=True)
+    starts = np.searchsorted(owner, np.arange(len(usable)))
+    for k, (i, part) in enumerate(zip(usable, np.split(points, starts[1:]))):
+        out[i] = part if len(part) >= 4 else rings[i]
     return out
 
 

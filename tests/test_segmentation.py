@@ -290,3 +290,24 @@ def test_geojson_of_a_real_tile_is_valid(two_model_service: str) -> None:
         return
     invalid = [f["properties"]["medcl_id"] for f in features if not shape(f["geometry"]).is_valid]
     assert not invalid, f"invalid (self-intersecting) contours: {invalid[:5]}"
+
+
+def test_contours_are_simplified_within_tolerance_and_stay_valid() -> None:
+    import shapely
+    from skimage.draw import ellipse
+
+    from medcl.segmentation import simplify_rings
+
+    labels = np.zeros((120, 160), np.int32)
+    for k, (cy, cx, ry, rx, angle) in enumerate([(30, 40, 12, 20, 0.3), (80, 100, 25, 9, 1.1), (60, 140, 3, 3, 0)]):
+        rr, cc = ellipse(cy, cx, ry, rx, labels.shape, rotation=angle)
+        labels[rr, cc] = k + 1
+    raw = [np.asarray(n["contour"], float) for n in describe_instances(labels, tolerance=0.0)]
+    simplified = simplify_rings(raw, 0.75)
+    for before, after in zip(raw, simplified):
+        a, b = shapely.Polygon(before), shapely.Polygon(after)
+        assert b.is_valid and len(after) <= len(before)
+        assert shapely.hausdorff_distance(a.exterior, b.exterior) <= 0.75 + 1e-9
+    assert sum(map(len, simplified)) < sum(map(len, raw))  # it does simplify
+    tiny = [np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])]
+    assert simplify_rings(tiny, 0.75)[0] is tiny[0]  # too short for a polygon: returned as it was
