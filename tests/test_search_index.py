@@ -296,3 +296,20 @@ def test_current_pointer_switches_atomically(tmp_path: Path) -> None:
     assert current_version("blood", uri) == "v2"
     with pytest.raises(CaseIndexError):
         set_current_version("blood", "../evil", uri)
+
+
+def test_the_same_image_stored_by_many_threads_at_once(tmp_path) -> None:
+    """Concurrent requests posting one image race on its content-addressed file; every one must
+    succeed (a shared temporary name once made the loser's rename fail: a 500 under load)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medcl.index.sources import store_source
+
+    data = bytes(range(256)) * 4096
+    for _ in range(5):
+        root = tmp_path / f"r{_}"
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            uris = list(pool.map(lambda _: store_source(root, data), range(64)))
+        assert len(set(uris)) == 1
+        stored = list((root / "sources").rglob("*"))
+        assert [p.read_bytes() == data for p in stored if p.is_file()] == [True]  # no leftover temporaries

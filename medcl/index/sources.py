@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,7 +27,9 @@ def store_source(root: Path, data: bytes) -> str:
     path = root / "sources" / digest[:2] / digest
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{digest}.{os.getpid()}.tmp")
+        # Unique per writer: two requests (threads of one process) may store the same image at once;
+        # sharing one temporary name, the second's rename found it gone (a 500 in the load test).
+        tmp = path.with_name(f".{digest}.{uuid.uuid4().hex}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
