@@ -89,6 +89,7 @@ def event_loop_hotspots(raw: Path, top: int = 15) -> list[tuple[str, float]]:
         if "MainThread" not in stack:
             continue
         total += int(n)
+        # the first frames are the same in every sample (thread, runpy, click, uvicorn, asyncio.run)
         for frame in set(stack.split(";")[8:]):
             counts[frame.split(" (")[0]] += int(n)
     return [(frame, round(n / total, 3)) for frame, n in counts.most_common(top)] if total else []

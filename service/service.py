@@ -318,7 +318,9 @@ def classifier_ort_threads() -> int | None:
 
 
 def batcher_workers() -> int:
-    return 1 if classifier_ort_threads() is None else max(1, (os.cpu_count() or 1) // classifier_ort_threads())
+    """Batch runners per classifier method: enough single-threaded runs to fill the cores."""
+    threads = classifier_ort_threads()
+    return 1 if threads is None else max(1, (os.cpu_count() or 1) // threads)
 # Models named by a store reference (champion/challenger) are re-resolved this often, so a promotion
 # or rollback reaches the running service; 0 turns it off (POST /models/reload still works).
 FOLLOW_SECONDS = float(os.environ.get("MEDCL_FOLLOW_SECONDS", 10))
@@ -463,11 +465,11 @@ class Medcl:
         service's uvicorn closes them after 5 s, so the first burst after an idle gap can hit a
         closed connection (bentoml/BentoML#4971). Seen here as 17 of 300 requests failing with 500.
         """
+        name = f"{method}_{active.slot}"
         if self._inline:
-            if method in BATCHED_METHODS:
-                return self._batcher(active.name, f"{method}_{active.slot}")(payload)
-            return getattr(self._inline[active.name], f"{method}_{active.slot}")(payload)
-        call = getattr(self._service_of(active.name), f"{method}_{active.slot}")
+            run = self._batcher(active.name, name) if method in BATCHED_METHODS else getattr(self._inline[active.name], name)
+            return run(payload)
+        call = getattr(self._service_of(active.name), name)
         for attempt in range(3):
             try:
                 return call(payload)
@@ -722,7 +724,7 @@ if PLACEMENT == "separate":
 
 Medcl = bentoml.asgi_app(extra_app, path="/")(
     # BentoML's own access log is off: RequestContextMiddleware writes one JSON line per request (with
-    # its id and caller), and a second line per request cost the event loop ~5% at concurrency 32.
+    # its id and caller); the second line per request was ~5% of the event loop's py-spy samples.
     bentoml.service(name="medcl", workers=1, threads=16, traffic={"timeout": 120, "max_concurrency": 256},
                     logging={"access": {"enabled": False}})(Medcl))
 
