@@ -21,6 +21,7 @@ import torch
 from medcl.card import Card, OnnxSpec
 from medcl.errors import MedclError
 from medcl.preprocess import IMAGE_SUFFIXES, load_model_pixels, normalise
+from training.checkpoint import WEIGHTS_FILENAME
 
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
@@ -134,6 +135,9 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, parity_data: str | Pat
             from export.tensorrt import build_engine
 
             card.onnx.variants["tensorrt"] = build_engine(staging, card, pixels, mode=tensorrt)
+        # The training weights travel with the package (safetensors: tensors only, no code), so that a
+        # scheduled retrain can warm-start from whichever version is champion (TrainConfig.init_from).
+        shutil.copy2(Path(run_dir) / WEIGHTS_FILENAME, staging / WEIGHTS_FILENAME)
         card.save(staging)
     return Path(out_dir)
 

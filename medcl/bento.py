@@ -43,8 +43,10 @@ def stage_models(models: dict[str, Path], root: Path = REPO_ROOT, default: str |
         if not (package / "card.json").is_file():
             raise BentoError(f"no model package at {package}")
         dest = target / name
-        shutil.copytree(package, dest, ignore=shutil.ignore_patterns("trt_cache", ".*"))
-        source_files = {k: v for k, v in _digest(package).items() if not k.startswith(("trt_cache", "."))}
+        # Serving needs no training weights (model.safetensors is for warm-start retraining).
+        shutil.copytree(package, dest, ignore=shutil.ignore_patterns("trt_cache", ".*", "model.safetensors"))
+        source_files = {k: v for k, v in _digest(package).items()
+                        if not k.startswith(("trt_cache", ".")) and k != "model.safetensors"}
         if _digest(dest) != source_files:
             raise BentoError(f"the copy of {package} differs from its source")
         entries.append({"name": name, "package": name})

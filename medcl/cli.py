@@ -66,6 +66,16 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from training.retrain import Outcome, retrain
+
+    outcome, report = retrain(args.config, _parse_overrides(args.set), progress=not args.quiet, force=args.force)
+    print(json.dumps(report, indent=2, default=str))
+    if outcome in (Outcome.FAILED, Outcome.BAD_INPUT, Outcome.LOCKED):
+        print(f"medcl: retrain {outcome.name.lower()}: {report.get('message', '')}", file=sys.stderr)
+    return int(outcome)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -248,8 +258,28 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps({"alias": args.alias, "now": args.target, "before": previous}))
     elif args.action == "rollback":
         restored = model_store.rollback(args.target, args.alias)
-        print(json.dumps({"alias": args.alias, "now": restored}))
+        index = _restore_index_pointer(restored) if args.alias == "champion" else None
+        print(json.dumps({"alias": args.alias, "now": restored, "index": index}))
     return 0
+
+
+def _restore_index_pointer(tag: str) -> str | None:
+    """After a rollback, point the case index back at the restored version's index (kept on disk by
+    re-embedding); returns that version, or None when it has no index."""
+    from medcl import model_store
+    from medcl.card import Card
+    from medcl.index import set_current_version, stored_dim
+    from medcl.index.schema import CaseIndexError
+
+    card = Card.load(model_store.resolve(tag))
+    if card.task == "segment":
+        return None
+    try:
+        stored_dim(card.name, card.version)
+    except CaseIndexError:
+        return None
+    set_current_version(card.name, card.version)
+    return card.version
 
 
 def _package_dir(ref: str | None) -> Path:
@@ -438,6 +468,16 @@ def build_parser() -> argparse.ArgumentParser:
     x_.add_argument("--fractions", type=float, nargs="+", help="run only these label fractions of the config")
     x_.add_argument("--methods", nargs="+", help="run only these methods (labels) of the config")
     x_.set_defaults(func=cmd_experiment)
+
+    r = sub.add_parser("retrain", help="scheduled retraining: snapshot, train, export, gate, register, promote; "
+                                       "exit 0 promoted, 3 champion kept, 4 unfinished (resumes), 5 locked, "
+                                       "2 bad input, 1 failed")
+    r.add_argument("--config", type=Path, required=True, help="retrain YAML (see configs/retrain-*.yaml)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a retrain config value, e.g. --set gate.max_drop=0.02 (repeatable)")
+    r.add_argument("--force", action="store_true", help="retrain even if the data have not changed")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_retrain)
 
     e = sub.add_parser("evaluate", help="evaluate a trained run on a split or a class-per-folder image tree")
     e.add_argument("run_dir", type=Path)

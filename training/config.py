@@ -93,7 +93,11 @@ class TrainConfig(BaseModel):
     seed: int = 0
     data: DataConfig
     model: ArchitectureSpec = ArchitectureSpec()
-    pretrained: str | None = None
+    pretrained: str | None = None  # backbone weights only (a local file)
+    # A folder (package or run) whose model.safetensors holds the whole model (backbone, projection,
+    # classifier):
+    # a scheduled retrain's warm start from its champion. The class list must be the same.
+    init_from: str | None = None
     preprocess: PreprocessSpec
     augment: AugmentSpec = AugmentSpec()
     method: MethodConfig
@@ -158,8 +162,9 @@ def load_config(path: str | os.PathLike[str], overrides: dict | None = None) -> 
     base = Path(path).parent
     if isinstance(raw.get("data"), dict) and "path" in raw["data"]:
         raw["data"]["path"] = str(resolve_path(base, raw["data"]["path"]))
-    if raw.get("pretrained"):
-        raw["pretrained"] = str(resolve_path(base, raw["pretrained"]))
+    for key in ("pretrained", "init_from"):
+        if raw.get(key):
+            raw[key] = str(resolve_path(base, raw[key]))
     raw["output_dir"] = str(resolve_path(base, raw.get("output_dir", "runs")))
     return validate_config(TrainConfig, raw, path)
 

@@ -142,7 +142,8 @@ def make_card(config: TrainConfig, data: TrainingData, version: str) -> Card:
                       n_labelled=len(data.labelled), n_unlabelled=len(data.unlabelled or []),
                       n_test=len(data.test)),
         training={"seed": config.seed, "steps": config.schedule.steps, "config_fingerprint": config.fingerprint(),
-                  "optimizer": config.optim.name, "lr": config.optim.lr, "pretrained": config.pretrained},
+                  "optimizer": config.optim.name, "lr": config.optim.lr, "pretrained": config.pretrained,
+                  "init_from": config.init_from},
         code_version=code_version(),
     )
 
@@ -168,6 +169,11 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
 
     data = prepare_data(config)
     model = create_model(config.model, len(data.labelled.class_names), config.pretrained)
+    if config.init_from:
+        try:
+            load_weights(model, Path(config.init_from))
+        except RuntimeError as e:  # shapes differ: another architecture or class count
+            raise DataError(f"init_from {config.init_from} does not fit this model: {str(e).splitlines()[0]}") from None
     optimizer = make_optimizer(config, model)
     method = create_method(config.method)
     labelled_sampler = MPerClassSampler(data.labelled.labels, sched.labelled_batch, sched.m_per_class, config.seed)
