@@ -52,6 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, _parse_overrides(args.set))
     run_dir = train(config, resume=not args.no_resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the main process reports
+        return 0
     metrics = json.loads((run_dir / "metrics.json").read_text())["test"]
     print(json.dumps({"run_dir": str(run_dir), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
                       "balanced_accuracy": metrics["balanced_accuracy"], "knn_accuracy": metrics["knn_accuracy"]}))

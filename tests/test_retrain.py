@@ -188,6 +188,7 @@ def test_a_killed_retrain_resumes_and_promotes_while_the_service_answers(lab: di
             assert _step(report, "train")["resumed_from_step"] >= 10
             assert _step(report, "train")["init_from"] == first_champion
             new_champion = report["champion"]
+            assert _aliases(lab)["champion"] == new_champion
             new_version = _step(report, "train")["version"]
             reembedded = _step(report, "reembed_index")
             assert reembedded["from"] == first_version and reembedded["to"] == new_version

@@ -25,6 +25,7 @@ from medcl.card import Card, DataSpec
 from training.checkpoint import (find_training_checkpoint, load_training_checkpoint, load_weights,
                                  save_training_checkpoint, save_weights)
 from training.config import DataConfig, TrainConfig
+from training.distributed import ShardedForward, agree, barrier, from_environment, global_batchnorm
 from training.data import (UNLABELLED, DataError, ImageSet, MPerClassSampler, RandomBatches, Splits, group_split,
                            label_subsample, read_csv_manifest, read_folder, read_npz)
 from training.methods import Batch, StepContext, create_method
@@ -162,19 +163,26 @@ def evaluate(model: EncoderClassifier, card: Card, data: TrainingData, split: Im
 def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
     """Train, evaluate on the test split, and write the checkpoint; returns the run directory."""
     sched = config.schedule
-    torch.set_num_threads(sched.threads or max(1, os.cpu_count() or 1))
+    group = from_environment()  # under torchrun: one process of several (training/distributed.py)
+    world = group.world if group else 1
+    main = group is None or group.main
+    torch.set_num_threads(sched.threads or max(1, (os.cpu_count() or 1) // world))
     generator = seed_everything(config.seed)
     run_dir = config.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     data = prepare_data(config)
     model = create_model(config.model, len(data.labelled.class_names), config.pretrained)
+    if group:
+        global_batchnorm(model)  # before the optimiser takes the parameters
     if config.init_from:
         try:
             load_weights(model, Path(config.init_from))
         except RuntimeError as e:  # shapes differ: another architecture or class count
             raise DataError(f"init_from {config.init_from} does not fit this model: {str(e).splitlines()[0]}") from None
     optimizer = make_optimizer(config, model)
+    net = ShardedForward(model, group) if group else model  # what the method calls
     method = create_method(config.method)
     labelled_sampler = MPerClassSampler(data.labelled.labels, sched.labelled_batch, sched.m_per_class, config.seed)
     unlabelled_sampler = RandomBatches(len(data.unlabelled), sched.unlabelled_batch, config.seed + 1) \
@@ -199,6 +207,8 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     unlabelled_images = torch.from_numpy(data.unlabelled.images) if data.unlabelled is not None else None
 
     def checkpoint(step: int) -> None:
+        if not main:
+            return
         save_training_checkpoint(run_dir, model, optimizer, card, {
             "step": step, "history": history, "elapsed_s": elapsed_before + (time.time() - t0),
             "config_fingerprint": config.fingerprint(),
@@ -209,9 +219,9 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
 
     t0 = time.time()
     stopped_early = False
-    model.train()
+    net.train()
     bar = tqdm(range(start_step, sched.steps), initial=start_step, total=sched.steps, desc=config.name,
-               unit="step", disable=not progress, dynamic_ncols=True)
+               unit="step", disable=not (progress and main), dynamic_ncols=True)
     step = start_step
     for step in bar:
         li = labelled_sampler.next_batch()
@@ -222,7 +232,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
                           total_steps=sched.steps)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        terms = method.loss_terms(model, batch, ctx)
+        terms = method.loss_terms(net, batch, ctx)
         loss = torch.stack(list(terms.values())).sum()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}: lower the learning rate")
@@ -232,10 +242,12 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
         row = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
         history.append(row)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "step"})
-        if sched.eval_every and (step + 1) % sched.eval_every == 0 and data.val is not None:
+        if main and sched.eval_every and (step + 1) % sched.eval_every == 0 and data.val is not None:
             logits, _ = predict(model, data.val.images, config.preprocess.mean, config.preprocess.std)
             history.append({"step": step + 1, "val_accuracy": float((logits.argmax(1) == data.val.labels).mean())})
         out_of_time = bool(sched.max_minutes) and (elapsed_before + time.time() - t0) > sched.max_minutes * 60
+        if group:
+            out_of_time = agree(out_of_time)  # each process has its own clock; all stop together
         if (step + 1) % sched.checkpoint_every == 0 or step + 1 == sched.steps or out_of_time:
             checkpoint(step + 1)
         if out_of_time:
@@ -244,13 +256,16 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     bar.close()
     steps_done = step + 1 if sched.steps > start_step else start_step
     train_seconds = elapsed_before + (time.time() - t0)
+    if not main:  # the main process evaluates and writes the run; the others wait for it
+        barrier()
+        return run_dir
 
     metrics = evaluate(model, card, data, data.test, sched.knn_k)
     version = f"{config.name}-{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
     card = make_card(config, data, version)
     card.metrics = {k: v for k, v in metrics.items()}
     card.training.update({"steps_done": steps_done, "train_seconds": round(train_seconds, 1),
-                          "stopped_on_time_budget": stopped_early})
+                          "stopped_on_time_budget": stopped_early, "processes": world})
     save_weights(model, run_dir)
     card.save(run_dir)
     (run_dir / "history.json").write_text(json.dumps(history))
@@ -259,6 +274,8 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     learning_curve(history, run_dir / "learning_curve.png", f"{config.name} ({config.method.name})")
     confusion_matrix_plot(metrics["confusion_matrix"], card.class_names, run_dir / "confusion_matrix.png",
                           f"{config.name}: test accuracy {metrics['accuracy']:.3f}")
+    if group:
+        barrier()
     return run_dir
 
 
