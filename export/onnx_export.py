@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from medcl.card import Card, OnnxSpec
+from medcl.drift import REFERENCE_FILE
 from medcl.errors import MedclError
 from medcl.preprocess import IMAGE_SUFFIXES, load_model_pixels, normalise
 from training.checkpoint import WEIGHTS_FILENAME
@@ -138,6 +139,9 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, parity_data: str | Pat
         # The training weights travel with the package (safetensors: tensors only, no code), so that a
         # scheduled retrain can warm-start from whichever version is champion (TrainConfig.init_from).
         shutil.copy2(Path(run_dir) / WEIGHTS_FILENAME, staging / WEIGHTS_FILENAME)
+        # The drift reference (medcl/drift.py) travels too; runs trained before it existed have none.
+        if (Path(run_dir) / REFERENCE_FILE).is_file():
+            shutil.copy2(Path(run_dir) / REFERENCE_FILE, staging / REFERENCE_FILE)
         card.save(staging)
     return Path(out_dir)
 

@@ -78,6 +78,15 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return int(outcome)
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    from medcl.drift_check import check
+
+    verdict = check(args.url, model=args.model, window_seconds=args.window, api_key=os.environ.get("MEDCL_API_KEY"),
+                    threshold=args.threshold, min_images=args.min_images)
+    print(json.dumps(verdict, indent=2))
+    return 3 if verdict["retrain"] else 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -480,6 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="retrain even if the data have not changed")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_retrain)
+
+    dr = sub.add_parser("drift", help="compare a window of a running service's traffic with the model's training "
+                                      "reference; exit 3 = drifted (retrain), 0 = not")
+    dr.add_argument("--url", default=os.environ.get("MEDCL_URL", f"http://127.0.0.1:{default_port}"))
+    dr.add_argument("--model", help="served model name (default: the first with a drift reference)")
+    dr.add_argument("--window", type=float, default=0.0, metavar="SECONDS",
+                    help="watch this long and judge that traffic only (default 0: everything since the service started)")
+    dr.add_argument("--threshold", type=float, default=0.25, help="PSI above which a signal has shifted (default 0.25)")
+    dr.add_argument("--min-images", type=int, default=200, help="no verdict on fewer images (default 200)")
+    dr.set_defaults(func=cmd_drift)
 
     e = sub.add_parser("evaluate", help="evaluate a trained run on a split or a class-per-folder image tree")
     e.add_argument("run_dir", type=Path)

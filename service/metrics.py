@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from medcl.drift import BUCKETS
+
 IMAGES = Counter("medcl_images_total", "Images processed", ["endpoint", "model"])
 ERRORS = Counter("medcl_request_errors_total", "Requests refused or failed, by kind", ["endpoint", "kind"])
 BATCH_SIZE = Histogram("medcl_model_batch_size", "Images per model call after adaptive batching", ["model", "output"],
@@ -31,3 +33,13 @@ def observe_request(model: str, endpoint: str, started: float) -> None:
     MODEL_REQUEST_SECONDS.labels(model, endpoint).observe(time.perf_counter() - started)
 MODEL_SWITCHES = Counter("medcl_model_switches_total", "Versions switched to while running (promotions, rollbacks)",
                          ["model"])
+
+# Drift signals (medcl/drift.py): traffic per model version, and the training reference on the same buckets.
+DRIFT_CONFIDENCE = Histogram("medcl_drift_top_confidence", "Top-class probability of classified images",
+                             ["model", "version"], buckets=BUCKETS["confidence"])
+DRIFT_DISTANCE = Histogram("medcl_drift_train_distance",
+                           "Cosine distance of an image's embedding to the nearest training embedding (sample)",
+                           ["model", "version"], buckets=BUCKETS["distance"])
+DRIFT_REFERENCE = Gauge("medcl_drift_reference_share",
+                        "Held-out images at or below each bucket bound at training time (cumulative share)",
+                        ["model", "version", "signal", "le"])

@@ -79,3 +79,8 @@ class ModelPackage:
 
     def run(self, batch: np.ndarray, output: str) -> np.ndarray:
         return self.session.run([output], {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def run_joined(self, batch: np.ndarray, outputs: list[str]) -> np.ndarray:
+        """Several (N, k) outputs of one run side by side: one array, so it batches like any other."""
+        results = self.session.run(outputs, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return np.concatenate(results, axis=1)

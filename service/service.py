@@ -44,6 +44,7 @@ from medcl.auth import KeyStore, auth_disabled
 from service import metrics
 from service.cases import extra_app
 from service.batching import MicroBatcher
+from service.drift_monitor import DriftMonitor
 from service.fast_paths import cache_media_types
 from service.hardening import defer_session_close, harden_multipart_parsing
 from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
@@ -154,7 +155,7 @@ class ModelInfo(BaseModel):
 # Each holds two slots, "a" and "b", so a new version (a promotion, a rollback) is loaded beside the
 # one in use and the API switches between them: requests already prepared for the old version's
 # card still reach the old session, and none is dropped. BentoML's batchable methods take exactly
-# one argument, so the slot is in the method's name (logits_a / logits_b).
+# one argument, so the slot is in the method's name (scores_a / scores_b).
 
 SLOTS = ("a", "b")
 
@@ -207,7 +208,10 @@ def classifier_service(name: str, package_dir: Path) -> type:
 
         def _run(self, slot: str, batch: np.ndarray, output: str) -> np.ndarray:
             start = time.perf_counter()
-            result = self.slots.get(slot).run(batch, output)
+            package = self.slots.get(slot)
+            # "scores": logits and embedding from one run (classify watches both for drift)
+            result = package.run_joined(batch, ["logits", "embedding"]) if output == "scores" \
+                else package.run(batch, output)
             metrics.INFERENCE_SECONDS.labels(name, output).observe(time.perf_counter() - start)
             metrics.BATCH_SIZE.labels(name, output).observe(len(batch))
             return result
@@ -225,12 +229,12 @@ def classifier_service(name: str, package_dir: Path) -> type:
             return self.slots.load(slot, package_dir)
 
         @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=SHED_AFTER_MS)
-        def logits_a(self, batch: np.ndarray) -> np.ndarray:
-            return self._run("a", batch, "logits")
+        def scores_a(self, batch: np.ndarray) -> np.ndarray:
+            return self._run("a", batch, "scores")
 
         @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=SHED_AFTER_MS)
-        def logits_b(self, batch: np.ndarray) -> np.ndarray:
-            return self._run("b", batch, "logits")
+        def scores_b(self, batch: np.ndarray) -> np.ndarray:
+            return self._run("b", batch, "scores")
 
         @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=SHED_AFTER_MS)
         def embeddings_a(self, batch: np.ndarray) -> np.ndarray:
@@ -292,6 +296,7 @@ class Active:
     card: Card
     package_dir: Path
     index: object | None  # the case index of this version (None for segmenters)
+    drift: DriftMonitor | None = None  # None for segmenters and for packages without a drift reference
 
 
 MODELS: ModelsConfig = configured_models()
@@ -307,7 +312,7 @@ _DEPENDENCY_ATTR = {name: f"model_{i}" for i, name in enumerate(CARDS)}
 PLACEMENT = os.environ.get("MEDCL_MODEL_PLACEMENT", "inline").strip().lower()
 if PLACEMENT not in ("inline", "separate"):
     raise ValueError(f"MEDCL_MODEL_PLACEMENT={PLACEMENT!r}: use 'inline' or 'separate'")
-BATCHED_METHODS = frozenset({"logits", "embeddings"})
+BATCHED_METHODS = frozenset({"scores", "embeddings"})
 
 
 def classifier_ort_threads() -> int | None:
@@ -355,7 +360,8 @@ class Medcl:
     def _activate(name: str, slot: str, card: Card, package_dir: Path) -> Active:
         index = None if card.task == "segment" else open_index(card.name, card.version,
                                                                  card.architecture.embedding_dim)
-        active = Active(name=name, slot=slot, card=card, package_dir=package_dir, index=index)
+        drift = None if card.task == "segment" else DriftMonitor.for_package(name, card.version, package_dir)
+        active = Active(name=name, slot=slot, card=card, package_dir=package_dir, index=index, drift=drift)
         if index is not None:
             metrics.INDEX_CASES.labels(card.name, card.version).set(index.count())
         return active
@@ -536,7 +542,12 @@ class Medcl:
         card = active.card
         started = time.perf_counter()
         batch = self._prepare(self._uploads(images, images_base64, "classify"), "classify", active)
-        probs = softmax(self._call_model(active, "logits", batch, "classify"))
+        scores = self._call_model(active, "scores", batch, "classify")
+        logits = scores[:, :card.num_classes]
+        if active.drift is not None:
+            active.drift.observe_logits(logits)
+            active.drift.observe_embeddings(scores[:, card.num_classes:])
+        probs = softmax(logits)
         out = []
         for row in probs:
             best = most_probable(row, card.class_names, top_k)
@@ -555,6 +566,8 @@ class Medcl:
         started = time.perf_counter()
         batch = self._prepare(self._uploads(images, images_base64, "embed"), "embed", active)
         vectors = self._call_model(active, "embeddings", batch, "embed")
+        if active.drift is not None:
+            active.drift.observe_embeddings(vectors)
         metrics.observe_request(name, "embed", started)
         return [Embedding(embedding=v.astype(float).tolist(), dim=int(v.shape[0]), model=name,
                           model_version=card.version) for v in vectors]

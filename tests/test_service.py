@@ -139,9 +139,9 @@ def test_concurrent_requests_are_batched_and_none_is_shed(api: httpx.Client) -> 
     assert statuses == [200] * (2 * len(photos))
     text = api.get("/metrics").text
     count = sum(float(line.split()[-1]) for line in text.splitlines()
-                if line.startswith("medcl_model_batch_size_count") and 'output="logits"' in line)
+                if line.startswith("medcl_model_batch_size_count") and 'output="scores"' in line)
     total = sum(float(line.split()[-1]) for line in text.splitlines()
-                if line.startswith("medcl_model_batch_size_sum") and 'output="logits"' in line)
+                if line.startswith("medcl_model_batch_size_sum") and 'output="scores"' in line)
     assert count > 0 and total / count > 1.0, "adaptive batching never formed a batch"
 
 

@@ -267,6 +267,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     card.training.update({"steps_done": steps_done, "train_seconds": round(train_seconds, 1),
                           "stopped_on_time_budget": stopped_early, "processes": world})
     save_weights(model, run_dir)
+    write_drift_reference(model, card, data, run_dir, config.seed)
     card.save(run_dir)
     (run_dir / "history.json").write_text(json.dumps(history))
     (run_dir / "metrics.json").write_text(json.dumps({"test": metrics, "train_seconds": train_seconds,
@@ -277,6 +278,19 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     if group:
         barrier()
     return run_dir
+
+
+def write_drift_reference(model: EncoderClassifier, card: Card, data: TrainingData, run_dir: Path, seed: int) -> None:
+    """What in-distribution traffic looks like to this model (medcl/drift.py): a sample of training
+    embeddings, and the held-out images' confidences and distances to it."""
+    from medcl.drift import REFERENCE_SAMPLE, build_reference, save_reference
+
+    pool = data.labelled.images if data.unlabelled is None else np.concatenate([data.labelled.images,
+                                                                                 data.unlabelled.images])
+    pick = np.random.default_rng(seed).permutation(len(pool))[:REFERENCE_SAMPLE]
+    _, train_emb = predict(model, pool[np.sort(pick)], card.preprocess.mean, card.preprocess.std)
+    logits, emb = predict(model, data.test.images, card.preprocess.mean, card.preprocess.std)
+    save_reference(build_reference(train_emb, logits, emb, seed), run_dir)
 
 
 def load_trained(run_dir: str | Path) -> tuple[EncoderClassifier, Card]:

@@ -1,0 +1,116 @@
+"""Drift signals: is the traffic still what the model was trained on?
+
+Two signals per model version, measured on every image the service classifies or embeds:
+
+- **top-class confidence** (the largest softmax probability): a model shown unfamiliar tiles grows
+  less sure, or confidently wrong in a new way;
+- **distance to the training set**: cosine distance from an image's embedding to the nearest of a
+  fixed sample of training embeddings (at most 2,048): new scanners, stains or tissue move it.
+
+The reference for both comes from training (``drift_reference.npz``, written by the engine and
+carried in the package): the held-out images' confidences and distances, i.e. what in-distribution
+traffic looks like. The service exports the traffic as Prometheus histograms and the reference as
+cumulative fractions on the same buckets; ``medcl drift`` compares a window of traffic with the
+reference by the population stability index (PSI) per signal. No torch here (the service imports it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REFERENCE_FILE = "drift_reference.npz"
+REFERENCE_SAMPLE = 2048
+
+# Histogram upper bounds (Prometheus `le`); the last bucket (+Inf) is implicit.
+BUCKETS: dict[str, tuple[float, ...]] = {
+    "confidence": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999),
+    "distance": (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0),
+}
+# PSI rule of thumb (credit scoring, where it comes from): < 0.1 stable, 0.1-0.25 moderate, > 0.25 a shift.
+DEFAULT_PSI_THRESHOLD = 0.25
+
+
+@dataclass
+class Reference:
+    train_embeddings: np.ndarray  # (R, D) L2-normalised float32
+    confidence: np.ndarray  # held-out top-class probabilities
+    distance: np.ndarray  # held-out nearest-training cosine distances
+
+    def values(self, signal: str) -> np.ndarray:
+        return self.confidence if signal == "confidence" else self.distance
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def nearest_distance(embeddings: np.ndarray, train_embeddings: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Cosine distance from each embedding to its nearest training embedding."""
+    q = _unit(embeddings)
+    out = np.empty(len(q), np.float32)
+    for i in range(0, len(q), chunk):
+        out[i:i + chunk] = 1.0 - (q[i:i + chunk] @ train_embeddings.T).max(axis=1)
+    return np.clip(out, 0.0, 2.0)
+
+
+def top_confidence(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return (p / p.sum(axis=1, keepdims=True)).max(axis=1)
+
+
+def build_reference(train_embeddings: np.ndarray, heldout_logits: np.ndarray, heldout_embeddings: np.ndarray,
+                    seed: int = 0) -> Reference:
+    """The reference from training embeddings (sampled) and the held-out images' outputs."""
+    rng = np.random.default_rng(seed)
+    pick = rng.permutation(len(train_embeddings))[:REFERENCE_SAMPLE]
+    bank = _unit(train_embeddings[np.sort(pick)])
+    return Reference(bank, top_confidence(heldout_logits).astype(np.float32),
+                     nearest_distance(heldout_embeddings, bank))
+
+
+def save_reference(reference: Reference, directory: Path) -> Path:
+    path = Path(directory) / REFERENCE_FILE
+    np.savez_compressed(path, train_embeddings=reference.train_embeddings.astype(np.float16),
+                        confidence=reference.confidence, distance=reference.distance)
+    return path
+
+
+def load_reference(directory: Path) -> Reference | None:
+    path = Path(directory) / REFERENCE_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        return Reference(z["train_embeddings"].astype(np.float32), z["confidence"], z["distance"])
+
+
+def bucket_fractions(values: np.ndarray, bounds: tuple[float, ...]) -> np.ndarray:
+    """Share of values in each bucket (le bounds, then +Inf)."""
+    counts = np.bincount(np.searchsorted(np.asarray(bounds), values, side="left"), minlength=len(bounds) + 1)
+    return counts / max(counts.sum(), 1)
+
+
+def psi(reference: np.ndarray, traffic: np.ndarray, floor: float = 1e-4) -> float:
+    """Population stability index of two bucket distributions (shares), empty buckets floored."""
+    p = np.maximum(np.asarray(reference, float), floor)
+    q = np.maximum(np.asarray(traffic, float), floor)
+    p, q = p / p.sum(), q / q.sum()
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+def compare(reference_cumulative: list[float], traffic_cumulative_counts: list[float],
+            threshold: float = DEFAULT_PSI_THRESHOLD) -> dict:
+    """One signal: reference cumulative shares and traffic cumulative counts on the same buckets
+    (both ending with +Inf) -> PSI, the traffic's size and whether it shifted."""
+    ref = np.diff(np.concatenate([[0.0], reference_cumulative]))
+    counts = np.diff(np.concatenate([[0.0], traffic_cumulative_counts]))
+    n = float(counts.sum())
+    if n <= 0:
+        return {"images": 0, "psi": None, "shifted": False}
+    value = psi(ref, counts / n)
+    return {"images": int(n), "psi": round(value, 4), "shifted": bool(value > threshold and not math.isnan(value))}
