@@ -131,7 +131,8 @@ def test_a_killed_retrain_resumes_and_promotes_while_the_service_answers(lab: di
     photo = sorted(shared("blood-photos").rglob("*.jpg"))[0]
     files = [("images", (photo.name, photo.read_bytes(), "image/jpeg"))]
     week2 = _week(lab["source"], lab["root"] / "week2.npz", 3000, seed=3)
-    config = _config(lab, week2, "week2", set={
+    # Trained by 2 processes (torchrun, gloo): the kill takes down torchrun and both workers.
+    config = _config(lab, week2, "week2", processes=2, set={
         "model": {"width": 16}, "schedule": {"steps": 60, "eval_every": 0, "checkpoint_every": 5,
                                              "unlabelled_batch": 32, "max_minutes": None},
         "method": {"pseudo_warmup_steps": 20}})
@@ -187,6 +188,7 @@ def test_a_killed_retrain_resumes_and_promotes_while_the_service_answers(lab: di
             assert _step(report, "snapshot")["resumed"]
             assert _step(report, "train")["resumed_from_step"] >= 10
             assert _step(report, "train")["init_from"] == first_champion
+            assert _step(report, "train")["processes"] == 2
             new_champion = report["champion"]
             assert _aliases(lab)["champion"] == new_champion
             new_version = _step(report, "train")["version"]
@@ -253,3 +255,59 @@ def test_bad_data_stops_before_training_with_one_line(lab: dict, first_champion:
     code, report, err = _retrain(lab, config)
     assert code == 2 and "class list changed (added: ['band_cell']" in err
     assert _aliases(lab)["champion"] == first_champion
+
+
+def test_the_crontab_line_runs_as_cron_would(lab: dict, first_champion: str, tmp_path: Path) -> None:
+    """The weekly line of deploy/cron/medcl.crontab under /bin/sh, in a checkout-like folder whose
+    `.venv/bin/medcl` is this interpreter and whose config is week 1's (unchanged data: exit 3)."""
+    crontab = (REPO_ROOT / "deploy" / "cron" / "medcl.crontab").read_text().splitlines()
+    jobs = [line for line in crontab if line.strip() and not line.startswith("#") and "=" not in line.split()[0]]
+    assert len(jobs) == 2
+    for line in jobs:
+        fields = line.split()[:5]
+        assert all(f == "*" or f.isdigit() for f in fields), line  # minute hour day month weekday
+    weekly = next(line for line in jobs if "drift" not in line)
+    command = " ".join(weekly.split()[5:])
+
+    checkout = tmp_path / "medcl"
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+    (checkout / "configs").mkdir()
+    shim = checkout / ".venv" / "bin" / "medcl"
+    shim.write_text(f'#!/bin/sh\nPYTHONPATH="{REPO_ROOT}" exec "{sys.executable}" -m medcl.cli "$@"\n')
+    shim.chmod(0o755)
+    (checkout / "configs" / "retrain-bloodmnist.yaml").write_text((lab["root"] / "week1.yaml").read_text())
+    env = {**lab["env"], "MEDCL_DIR": str(checkout), "SHELL": "/bin/sh"}
+    done = subprocess.run(["/bin/sh", "-c", command], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stderr
+    report = json.loads((checkout / "runs" / "retrain" / "weekly-report.json").read_text())
+    assert report["outcome"] == "kept_champion" and "have not changed" in report["message"]
+
+
+def test_the_cronjob_runs_the_real_command_with_a_valid_config() -> None:
+    import shlex
+
+    from medcl.cli import build_parser
+    from training.retrain import RetrainConfig
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all(
+        (REPO_ROOT / "deploy" / "kubernetes" / "retrain-cronjob.yaml").read_text())}
+    job = docs["CronJob"]["spec"]
+    assert job["concurrencyPolicy"] == "Forbid"
+    pod = job["jobTemplate"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    script = container["args"][0]
+    argv = shlex.split(script.split(";")[0])
+    assert argv[0] == "medcl"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "retrain"
+    assert "3|4|5) exit 0" in script  # normal outcomes are not failures; 1 and 2 are
+
+    config = RetrainConfig.model_validate(yaml.safe_load(docs["ConfigMap"]["data"]["retrain.yaml"]))
+    mounts = {v["mountPath"]: v for v in container["volumeMounts"]}
+    assert str(args.config).startswith(next(m for m in mounts if "retrain" in m) + "/")
+    assert (REPO_ROOT / Path(config.train_config).relative_to(container["workingDir"])).is_file()
+    for path in (config.data.path, config.holdout.path, config.work_dir):
+        assert any(path.startswith(m + "/") for m in mounts), path
+    assert not mounts["/var/lib/medcl"].get("readOnly")
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["BENTOML_HOME"].startswith("/var/lib/medcl/") and env["MEDCL_INDEX"].startswith("embedded:///var/lib/medcl/")

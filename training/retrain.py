@@ -61,6 +61,8 @@ class RetrainConfig(BaseModel):
     max_holdout_overlap: float = Field(default=0.01, ge=0.0, le=1.0)
     reembed_index: bool = True
     export_tolerance: float = Field(default=1e-4, gt=0.0)
+    # >1: the training step runs under torchrun with this many processes (training/distributed.py)
+    processes: int = Field(default=1, ge=1, le=64)
 
 
 class RetrainError(MedclError, ValueError):
@@ -343,12 +345,36 @@ class Retrain:
             return True
         ckpt = find_training_checkpoint(run_dir)
         step["resumed_from_step"] = json.loads((ckpt / "trainer_state.json").read_text())["step"] if ckpt else 0
-        train(train_config, resume=True, progress=self.progress)
+        if self.config.processes > 1:
+            self._train_distributed(train_config, step)
+        else:
+            train(train_config, resume=True, progress=self.progress)
         card = Card.load(run_dir)
         step.update({"steps_done": card.training.get("steps_done"), "steps": train_config.schedule.steps,
                      "train_seconds": card.training.get("train_seconds"), "version": card.version})
         return not card.training.get("stopped_on_time_budget") and \
             card.training.get("steps_done") == train_config.schedule.steps
+
+    def _train_distributed(self, train_config: TrainConfig, step: dict) -> None:
+        """`medcl train` under torchrun on the exact config of this run (written beside it, all paths absolute)."""
+        import subprocess
+        import sys
+
+        import yaml
+
+        assert self.run_dir is not None
+        config_file = self.run_dir / "train-config.yaml"
+        config_file.write_text(yaml.safe_dump(train_config.model_dump(mode="json"), sort_keys=False))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={self.config.processes}", "-m", "medcl.cli", "train", str(config_file)]
+        if not self.progress:
+            cmd.append("--quiet")
+        step["processes"] = self.config.processes
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=None if self.progress else subprocess.PIPE,
+                              text=True)
+        if done.returncode != 0:
+            tail = (done.stderr or "").strip().splitlines()
+            raise RuntimeError(f"torchrun training exited {done.returncode}: {tail[-1] if tail else 'see its output'}")
 
     def _export(self, trained: Path, step: dict) -> Path:
         from export.onnx_export import export_onnx
