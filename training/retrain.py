@@ -169,7 +169,7 @@ class Retrain:
             self.state["outcome"] = outcome.name.lower()
             _write_json(self.run_dir / "state.json", self.state)
             _write_json(self.run_dir / "report.json", self.report)
-        if self.home.is_dir():
+        if self.home.is_dir() and outcome is not Outcome.LOCKED:  # the running one will write its own
             _write_json(self.home / "last-report.json", self.report)
         return outcome
 
