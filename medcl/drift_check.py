@@ -63,8 +63,8 @@ def check(url: str, model: str | None = None, window_seconds: float = 0.0, api_k
     last = scrape(url, api_key)
     with_reference = sorted({m for (m, _), s in last["series"].items() if s["reference"]})
     if not with_reference:
-        raise DriftCheckError(f"{url} reports no drift reference for any model (packages exported before drift "
-                              "signals existed have none: retrain or re-export)")
+        raise DriftCheckError(f"{url} reports no drift reference for any model (runs trained before drift signals existed "
+                              "have none; retrain them)")
     model = model or with_reference[0]
     if model not in with_reference:
         raise DriftCheckError(f"no drift signals for model {model!r}; models with a reference: "

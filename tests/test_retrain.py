@@ -111,9 +111,11 @@ def test_first_run_promotes_and_unchanged_data_is_a_no_op(lab: dict, first_champ
     manifest = json.loads(next(run.glob("*/manifest.json")).read_text())
     assert manifest["files"][0]["sha256"] and manifest["labelled_per_class"]["neutrophil"] > 0
 
+    first_report = next(run.glob("*/report.json")).read_text()
     code, report, _ = _retrain(lab, lab["root"] / "week1.yaml")
     assert code == 3 and "have not changed" in report["message"]
     assert _aliases(lab)["champion"] == first_champion
+    assert next(run.glob("*/report.json")).read_text() == first_report  # the finished run's record is kept
 
 
 def test_shuffled_labels_are_refused_by_the_gate(lab: dict, first_champion: str) -> None:

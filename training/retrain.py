@@ -199,6 +199,7 @@ class Retrain:
             key = self._open_run(train_config, data, holdout, step)
             if self.state.get("status") == "done" and not self.force:
                 step["status_override"] = "skipped"
+                self.run_dir = None  # that run's own state and report stay as they were
                 return self._end(Outcome.KEPT_CHAMPION,
                                  f"the data and training config have not changed since run {key} "
                                  f"(outcome: {self.state.get('outcome')}); nothing to do (--force retrains anyway)")
