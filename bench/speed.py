@@ -110,27 +110,34 @@ def tissue_images() -> tuple[list[tuple[str, bytes]], str]:
     return [(p.name, p.read_bytes()) for p in tiles], "the 32 H&E tiles in demo/he-tiles (224x224 PNG, CC BY)"
 
 
-def default_runs(options: BenchOptions) -> tuple[Path, Path]:
-    """The demo classifier's run and the 224 px model's run, trained here if they do not exist yet."""
+def demo_run() -> Path:
+    """The demo classifier's run, trained here first (as `make serve` does) if it does not exist."""
     from medcl.demo import medcl_home, prepare_demo
 
-    run = options.run
-    if run is None:
-        run = medcl_home() / "runs" / "demo-bloodmnist"
-        if not (run / "card.json").is_file():
-            log("training the demo classifier first (as `make serve` does)")
-            prepare_demo()
-    run_224 = options.run_224
-    if run_224 is None:
-        from training.config import load_config
-        from training.engine import train
+    run = medcl_home() / "runs" / "demo-bloodmnist"
+    if not (run / "card.json").is_file():
+        log("training the demo classifier first (as `make serve` does)")
+        prepare_demo()
+    return run
 
-        config = load_config(BENCH_224_CONFIG, {"output_dir": str(medcl_home() / "bench" / "runs")})
-        run_224 = Path(config.output_dir) / config.name
-        if not (run_224 / "card.json").is_file():
-            log(f"training {config.name} ({config.schedule.steps} steps; speed only)")
-            train(config, progress=False)
-    return run, run_224
+
+def bench_224_run() -> Path:
+    """The 224 px ResNet-18 of configs/bench-resnet18-224.yaml, trained once (a few steps; speed only)."""
+    from medcl.demo import medcl_home
+    from training.config import load_config
+    from training.engine import train
+
+    config = load_config(BENCH_224_CONFIG, {"output_dir": str(medcl_home() / "bench" / "runs")})
+    run = Path(config.output_dir) / config.name
+    if not (run / "card.json").is_file():
+        log(f"training {config.name} ({config.schedule.steps} steps; speed only)")
+        train(config, progress=False)
+    return run
+
+
+def default_runs(options: BenchOptions) -> tuple[Path, Path]:
+    """The demo classifier's run and the 224 px model's run, trained here if they do not exist yet."""
+    return options.run or demo_run(), options.run_224 or bench_224_run()
 
 
 def prepare_subject(key: str, run_dir: Path, images: list[tuple[str, bytes]], work: Path,

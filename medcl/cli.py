@@ -443,6 +443,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return _client_call(args, "segment")
 
 
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from bench.gpu import run_from_arguments
+
+    result = run_from_arguments(args)
+    print(json.dumps({"results": str(args.out.with_suffix(".md")), "gpu": result["device"].get("gpu")}))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench.speed import SECTIONS, BenchOptions, run_bench
     from bench.speed_report import write_report
@@ -607,6 +615,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="paired, alternating re-measurements behind each headline ratio (0: read them from the grid)")
     bn.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="writes OUT.md, OUT.json, OUT.png")
     bn.set_defaults(func=cmd_bench)
+
+    bg = sub.add_parser("bench-gpu", help="on a GPU: onnxruntime CUDA/TensorRT fp32 and fp16, PyTorch eager, "
+                                          "and the service over HTTP, same models and images as `medcl bench`")
+    bg.add_argument("--run", type=Path, help="the demo classifier's run (default: the demo's, trained if missing)")
+    bg.add_argument("--run-224", type=Path, help="the 224 px model's run (default: configs/bench-resnet18-224.yaml)")
+    bg.add_argument("--seconds", type=float, default=2.0, help="timing window per in-process cell")
+    bg.add_argument("--service-seconds", type=float, default=4.0, help="timing window per HTTP cell")
+    bg.add_argument("--no-service", action="store_true", help="in-process engines only")
+    bg.add_argument("--no-engines", action="store_true", help="the service over HTTP only")
+    bg.add_argument("--out", type=Path, default=Path("docs/benchmarks-gpu"), help="writes OUT.json and OUT.md")
+    bg.set_defaults(func=cmd_bench_gpu)
 
     d = sub.add_parser("demo", help="train the demo model if needed, then serve it")
     d.add_argument("action", choices=["prepare", "serve"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,13 @@ def create_session(model_path: Path, threads: int | None = None):
     import onnxruntime as ort
 
     available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available and hasattr(ort, "preload_dlls"):
+        # onnxruntime-gpu from pip finds the CUDA and cuDNN libraries of the nvidia-* wheels only when
+        # they are loaded first (or on LD_LIBRARY_PATH); torch would do it, but serving never imports torch.
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # noqa: BLE001 - the session below reports the provider that really runs
+            log.warning("onnxruntime.preload_dlls failed: %s", exc)
     wanted = providers_for(model_path.parent, available)
     session = ort.InferenceSession(str(model_path), sess_options=session_options(threads), providers=wanted)
     # onnxruntime-gpu without CUDA libraries falls back silently: report what really runs.
@@ -76,11 +84,47 @@ class ModelPackage:
             raise PackageError(f"{model_path} is missing")
         self.session, self.provider = create_session(model_path, threads)
         self.input_name = self.card.onnx.input_name
+        # On a GPU the first run of each new batch size pays for building its kernels' plans, and a
+        # batching server makes batches of every size. There, batches are padded up to a power of two
+        # and those few sizes are run once now, so no request pays for a new shape (on an H100 the
+        # service's throughput stayed the same or rose, docs/benchmarks-gpu.md). Segmenters take whole
+        # images of any size: not padded.
+        self.pad_batches = self.provider in GPU_LABELS and self.card.task != "segment"
+        if self.pad_batches:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        size = self.card.preprocess.input_size
+        start = time.perf_counter()
+        for n in batch_buckets():
+            self.session.run(None, {self.input_name: np.zeros((n, 3, size, size), np.float32)})
+        log.info("model %s: batch sizes %s warmed up on %s in %.1f s", self.directory, batch_buckets(),
+                 self.provider, time.perf_counter() - start)
+
+    def _inputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        n = len(batch)
+        if self.pad_batches and n & (n - 1):  # not a power of two
+            padded = np.empty((1 << n.bit_length(),) + batch.shape[1:], np.float32)
+            padded[:n] = batch
+            padded[n:] = batch[-1]
+            batch = padded
+        return {self.input_name: batch}
 
     def run(self, batch: np.ndarray, output: str) -> np.ndarray:
-        return self.session.run([output], {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return self.session.run([output], self._inputs(batch))[0][:len(batch)]
 
     def run_joined(self, batch: np.ndarray, outputs: list[str]) -> np.ndarray:
         """Several (N, k) outputs of one run side by side: one array, so it batches like any other."""
-        results = self.session.run(outputs, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
-        return np.concatenate(results, axis=1)
+        results = self.session.run(outputs, self._inputs(batch))
+        return np.concatenate(results, axis=1)[:len(batch)]
+
+
+GPU_LABELS = frozenset({"CUDA", "TensorRT"})
+
+
+def batch_buckets() -> list[int]:
+    """The padded batch sizes warmed up on a GPU: powers of two up to the first at or above
+    MEDCL_MAX_BATCH_SIZE (default 64), the largest batch the server makes of single requests."""
+    limit = max(1, int(os.environ.get("MEDCL_MAX_BATCH_SIZE", 64)))
+    return [1 << k for k in range((limit - 1).bit_length() + 1)]

@@ -323,9 +323,16 @@ def classifier_ort_threads() -> int | None:
 
 
 def batcher_workers() -> int:
-    """Batch runners per classifier method: enough single-threaded runs to fill the cores."""
+    """Batch runners per classifier method: enough single-threaded runs to fill the cores, on a GPU too:
+    on an H100 two runners (bigger batches) served 5-20x fewer single-image requests than one runner
+    per core (docs/benchmarks-gpu.md). MEDCL_BATCH_WORKERS overrides."""
+    explicit = int(os.environ.get("MEDCL_BATCH_WORKERS", 0))
+    if explicit:
+        return explicit
     threads = classifier_ort_threads()
     return 1 if threads is None else max(1, (os.cpu_count() or 1) // threads)
+
+
 # Models named by a store reference (champion/challenger) are re-resolved this often, so a promotion
 # or rollback reaches the running service; 0 turns it off (POST /models/reload still works).
 FOLLOW_SECONDS = float(os.environ.get("MEDCL_FOLLOW_SECONDS", 10))
