@@ -75,3 +75,39 @@ def test_multipart_bodies_parse_back_to_their_fields_and_files() -> None:
     parts = [(p.get_param("name", header="content-disposition"), p.get_filename(), p.get_payload(decode=True))
              for p in message.iter_parts()]
     assert parts == [("top_k", None, b"3"), ("images", "a.png", b"\x89PNG1"), ("images", "b.jpg", b"\xff\xd8JPEG")]
+
+
+def test_gpu_bench_says_why_an_engine_cannot_run_here_and_reports_what_ran(tiny_package: Path, tmp_path: Path) -> None:
+    """`medcl bench-gpu`'s engines on this CPU-only machine: the CPU session runs and agrees with itself;
+    CUDA and TensorRT are reported as not run, with the reason, never timed on another provider."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bench.gpu import CPU, CUDA, TRT, agreement, ort_engine
+
+    call, what = ort_engine(tiny_package / "model.onnx", CPU, tmp_path)
+    assert call is not None and what == CPU
+    size = json.loads((tiny_package / "card.json").read_text())["preprocess"]["input_size"]
+    x = np.random.default_rng(0).standard_normal((4, 3, size, size)).astype(np.float32)
+    same = agreement(call(x), call(x))
+    assert same["top1_agreement"] == 1.0 and same["max_abs_logit_diff"] == 0.0
+    for provider in (CUDA, TRT):
+        call, why = ort_engine(tiny_package / "model.onnx", provider, tmp_path)
+        if provider not in ort.get_available_providers():
+            assert call is None and provider in why
+
+
+def test_gpu_report_renders_the_recorded_run_and_keeps_the_handwritten_part(tmp_path: Path) -> None:
+    from bench.gpu_report import BEGIN, END, write_gpu_report
+
+    recorded = json.loads((Path(__file__).parent.parent / "docs" / "benchmarks-gpu.json").read_text())
+    page = tmp_path / "gpu.md"
+    page.write_text(f"# title\n\n{BEGIN}\nold\n{END}\n\nwritten by hand\n")
+    write_gpu_report(recorded, page)
+    text = page.read_text()
+    assert "written by hand" in text and "\nold\n" not in text
+    assert recorded["device"]["gpu"] in text
+    for key in ("demo", "224"):
+        assert f"### Model `{key}`" in text
+        best = max(r["images_per_s"] for r in recorded["models"][key]["rows"] if r["engine"] == "onnxruntime CUDA fp32")
+        assert f"| {best:.0f} |" in text
