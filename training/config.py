@@ -86,6 +86,9 @@ class ScheduleConfig(BaseModel):
         return self
 
 
+ADDED_LATER = ("init_from",)  # see TrainConfig.fingerprint
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -115,7 +118,11 @@ class TrainConfig(BaseModel):
         volatile = {"max_minutes", "eval_every", "checkpoint_every", "threads"}
         if self.optim.schedule == "constant":
             volatile.add("steps")
-        payload = self.model_dump_json(exclude={"output_dir": True, "schedule": volatile})
+        exclude: dict = {"output_dir": True, "schedule": volatile}
+        # Fields added after runs existed are left out while unset, so those runs still resume and
+        # experiments still reuse them (a new field with a default must not orphan every earlier run).
+        exclude.update({name: True for name in ADDED_LATER if getattr(self, name) is None})
+        payload = self.model_dump_json(exclude=exclude)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     def run_dir(self) -> Path:
