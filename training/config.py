@@ -37,7 +37,7 @@ class DataConfig(BaseModel):
 class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["cross_entropy", "supcon", "s5cl", "srcl", "srcl_pretrain", "mean_teacher"]
+    name: Literal["cross_entropy", "supcon", "s5cl", "srcl", "srcl_pretrain", "mean_teacher", "swcl"]
     tau_labelled: float = Field(default=0.2, gt=0.0)
     tau_unlabelled: float = Field(default=0.7, gt=0.0)
     tau_pseudo: float = Field(default=0.7, gt=0.0)
@@ -51,6 +51,15 @@ class MethodConfig(BaseModel):
     relation_weight: float = Field(default=1.0, ge=0.0)
     ema_decay: float = Field(default=0.99, gt=0.0, lt=1.0)
     rampup_steps: int | None = Field(default=None, ge=1)  # None: 40% of the run
+    # SWCL (METHODS.md §3): the stage-1 label-propagation model (a finished run or package folder) that
+    # gives unlabelled images a pseudo-label and every patch an abnormality score; patches at five fixed
+    # positions (four corners + centre) with a side of patch_fraction x the image; a patch is abnormal
+    # when its image is and its score (1 - P(normal classes)) reaches abnormal_threshold; SupCon at tau_patch.
+    teacher: str | None = None
+    patch_fraction: float = Field(default=0.6, gt=0.2, le=1.0)
+    normal_classes: list[int] = Field(default_factory=lambda: [0])
+    abnormal_threshold: float = Field(default=0.4, ge=0.0, le=1.0)
+    tau_patch: float = Field(default=0.1, gt=0.0)
 
 
 class OptimConfig(BaseModel):
@@ -86,7 +95,9 @@ class ScheduleConfig(BaseModel):
         return self
 
 
-ADDED_LATER = ("init_from",)  # see TrainConfig.fingerprint
+# Fields added after runs existed (see TrainConfig.fingerprint), as dotted paths.
+ADDED_LATER = ("init_from", "method.teacher", "method.patch_fraction", "method.normal_classes",
+               "method.abnormal_threshold", "method.tau_patch")
 
 
 class TrainConfig(BaseModel):
@@ -121,7 +132,16 @@ class TrainConfig(BaseModel):
         exclude: dict = {"output_dir": True, "schedule": volatile}
         # Fields added after runs existed are left out while unset, so those runs still resume and
         # experiments still reuse them (a new field with a default must not orphan every earlier run).
-        exclude.update({name: True for name in ADDED_LATER if getattr(self, name) is None})
+        for path in ADDED_LATER:
+            *parents, field = path.split(".")
+            owner = self
+            for part in parents:
+                owner = getattr(owner, part)
+            if getattr(owner, field) == type(owner).model_fields[field].get_default(call_default_factory=True):
+                target = exclude
+                for part in parents:
+                    target = target.setdefault(part, {})
+                target[field] = True
         payload = self.model_dump_json(exclude=exclude)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 

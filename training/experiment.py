@@ -8,7 +8,8 @@ where it stopped and a finished one re-renders without training.
 
 A method entry is a name (``s5cl``) or a mapping: ``{label: srcl_pft, method: srcl_pretrain,
 then: cross_entropy, then_set: {...}}`` trains ``method`` first and fine-tunes with ``then`` from its
-weights (pretrain-then-fine-tune), reporting the fine-tuned model.
+weights (pretrain-then-fine-tune), reporting the fine-tuned model. ``teacher: LABEL`` hands the run
+of entry LABEL (same fraction and seed) to the method as ``method.teacher`` (SWCL's label propagation).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class MethodEntry(BaseModel):
     set: dict[str, Any] = {}
     then: str | None = None  # fine-tune with this method from the first run's weights
     then_set: dict[str, Any] = {}
+    # the label of another entry whose run (same fraction and seed) is this one's method.teacher: SWCL's
+    # stage-1 label propagation; trained first when missing, reused otherwise
+    teacher: str | None = None
 
 
 class ExperimentConfig(BaseModel):
@@ -101,6 +105,11 @@ def run_experiment(path: str | Path, progress: bool = True, fractions: list[floa
     """Run the sweep (or the part named by ``fractions`` / ``methods``: same run names, so the full
     sweep later reuses those runs)."""
     config, base_dir = load_experiment(path)
+    by_label = {e.label: e for e in config.entries()}
+    for entry in by_label.values():
+        if entry.teacher is not None and (entry.teacher not in by_label or entry.teacher == entry.label):
+            raise ExperimentError(f"{entry.label}: teacher {entry.teacher!r} must be the label of another entry "
+                                  f"({', '.join(by_label)})")
     command = f"medcl experiment {path}"
     if fractions:
         unknown = [f for f in fractions if f not in config.label_fractions]
@@ -129,7 +138,14 @@ def run_experiment(path: str | Path, progress: bool = True, fractions: list[floa
                 print(f"medcl: experiment {config.name}: run {done}/{total}: {name}", flush=True)
                 common = {**config.set, "seed": seed, "data.label_fraction": fraction, "output_dir": str(out_dir)}
                 started = time.time()
-                run_dir = _train(base, {**common, **entry.set, "method.name": entry.method, "name": name}, progress)
+                first = {**common, **entry.set, "method.name": entry.method, "name": name}
+                if entry.teacher is not None:
+                    teacher = by_label[entry.teacher]
+                    teacher_name = f"{config.name}-{teacher.label}-{_pct(fraction)}-s{seed}"
+                    teacher_dir = _train(base, {**common, **teacher.set, "method.name": teacher.method,
+                                                "name": teacher_name}, progress)
+                    first["method.teacher"] = str(teacher_dir)
+                run_dir = _train(base, first, progress)
                 if entry.then:
                     weights = run_dir / "model.safetensors"
                     run_dir = _train(base, {**common, **entry.then_set, "method.name": entry.then,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from medcl.card import PreprocessSpec
-from training.augment import AugmentSpec, standardise, strong_view, weak_view
+from training.augment import AugmentSpec, standardise, strong_view, to_float, weak_view
 from training.config import MethodConfig
 from training.losses import positives_from_labels, positives_from_views, s5cl_pseudo_positives, supcon
 from training.models import EncoderClassifier
@@ -201,9 +201,79 @@ class MeanTeacherRelations:
         return terms
 
 
+class SWCL:
+    """SWCL stage 3 (METHODS.md §3): multi-label supervised contrastive pretraining on patches.
+
+    Every image (labelled, and unlabelled with the stage-1 teacher's pseudo-label) is cut at five fixed
+    positions (four corners and the centre) in each of two views; a patch's label set is its position
+    and its abnormality (its image is abnormal and the teacher scores the patch at or above the
+    threshold). Positives share the label set; a patch's other view is always a positive. Unlabelled
+    images below ``pseudo_threshold`` confidence keep only that view positive.
+    Deviation (docs/methods.md): the patch score is the teacher's abnormal probability on the patch
+    itself, not a class-activation map (our classifier sits on a projection, so a CAM is not linear
+    in the feature map); RetinaMNIST has no eye side or fellow-eye pairing, so no mirroring and no
+    fellow-eye positives.
+    """
+
+    name = "swcl"
+    uses_unlabelled = True
+    positions = 5
+
+    def __init__(self, config: MethodConfig) -> None:
+        from medcl.errors import MedclError
+        from training.engine import load_trained
+
+        if not config.teacher:
+            raise MedclError("method swcl needs method.teacher: the folder of the stage-1 label-propagation run")
+        self.config = config
+        self.teacher, card = load_trained(config.teacher)
+        self.teacher.requires_grad_(False)
+        bad = [c for c in config.normal_classes if not 0 <= c < card.num_classes]
+        if bad:
+            raise MedclError(f"method.normal_classes {bad} are not classes of the teacher ({card.num_classes})")
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (5N, 3, H, W), position-major, each patch resized back to the input size."""
+        h, w = x.shape[-2:]
+        ph, pw = max(2, round(h * self.config.patch_fraction)), max(2, round(w * self.config.patch_fraction))
+        corners = [(0, 0), (0, w - pw), (h - ph, 0), (h - ph, w - pw), ((h - ph) // 2, (w - pw) // 2)]
+        crops = [x[:, :, r:r + ph, c:c + pw] for r, c in corners]
+        return F.interpolate(torch.cat(crops), size=(h, w), mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def patch_labels(self, images: torch.Tensor, labels: torch.Tensor, ctx: StepContext
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label id (position * 2 + abnormal) and kept flag of each of the 5N patches, from the teacher
+        on the plain (unaugmented) images; the first len(labels) images are the labelled ones."""
+        cfg = self.config
+        clean = standardise(to_float(images), ctx.preprocess.mean, ctx.preprocess.std)
+        n, bl = images.shape[0], labels.shape[0]
+        image_probs = self.teacher(clean)[0].softmax(dim=1)
+        patch_probs = self.teacher(self.patches(clean))[0].softmax(dim=1)
+        normal = torch.tensor(cfg.normal_classes, device=images.device)
+        image_label = torch.cat([labels, image_probs[bl:].argmax(dim=1)])
+        confidence = torch.cat([torch.ones(bl), image_probs[bl:].max(dim=1).values])
+        image_abnormal = ~torch.isin(image_label, normal)
+        patch_score = 1.0 - patch_probs[:, normal].sum(dim=1)
+        abnormal = (patch_score >= cfg.abnormal_threshold) & image_abnormal.repeat(self.positions)
+        position = torch.arange(self.positions).repeat_interleave(n)
+        kept = (confidence >= (cfg.pseudo_threshold or 0.0)).repeat(self.positions)
+        return position * 2 + abnormal.long(), kept
+
+    def loss_terms(self, model: EncoderClassifier, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        images = batch.labelled if batch.unlabelled is None else torch.cat([batch.labelled, batch.unlabelled])
+        label_id, kept = self.patch_labels(images, batch.labels, ctx)
+        views = _views(images, ctx, ("weak", "strong"))
+        _, emb = model(torch.cat([self.patches(v) for v in views]))
+        ids, keep = label_id.repeat(2), kept.repeat(2)
+        mask = (positives_from_labels(ids) & keep[:, None] & keep[None, :]) | \
+            positives_from_views(label_id.shape[0], 2, emb.device)
+        return {"supcon_patch": supcon(emb, mask, self.config.tau_patch)}
+
+
 METHODS: dict[str, type] = {"cross_entropy": CrossEntropy, "supcon": SupCon, "s5cl": S5CL,
                             "srcl": MeanTeacherRelations, "srcl_pretrain": MeanTeacherRelations,
-                            "mean_teacher": MeanTeacherRelations}
+                            "mean_teacher": MeanTeacherRelations, "swcl": SWCL}
 
 
 def create_method(config: MethodConfig) -> Method:
