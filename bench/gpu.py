@@ -32,8 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.engines import time_calls
-from bench.http_load import multipart_images, run_closed_loop
-from bench.speed import REPO, BenchOptions, demo_images, log, model_tensors, prepare_subject, tissue_images
+from medcl.runtime import tensorrt_options
+from bench.http_load import run_closed_loop
+from bench.speed import (REPO, BenchOptions, classify_requests, demo_images, log, model_tensors, prepare_subject,
+                         tissue_images)
 
 BATCHES = (1, 8, 32, 256)
 CUDA = "CUDAExecutionProvider"
@@ -102,9 +104,7 @@ def ort_engine(model_path: Path, provider: str, work: Path, fp16: bool = False
     if provider != CPU and provider not in ort.get_available_providers():
         return None, f"this onnxruntime build has no {provider} (has: {', '.join(ort.get_available_providers())})"
     if provider == TRT:
-        options = {"trt_fp16_enable": fp16, "trt_engine_cache_enable": True,
-                   "trt_engine_cache_path": str(work / "trt_cache")}
-        providers: list = [(TRT, options), CUDA, CPU]
+        providers: list = [(TRT, tensorrt_options(work, fp16)), CUDA, CPU]  # the engine cache in work/
     elif provider == CUDA:
         providers = [CUDA, CPU]
     else:
@@ -194,9 +194,7 @@ def bench_service(subject, work: Path, seconds: float, tiles: int = 8) -> dict:
     (bigger batches, one on the device while the next gathers)."""
     from bench.servers import bentoml_service
 
-    singles = [multipart_images([image]) for image in subject.images]
-    tiled = [multipart_images([subject.images[(i + k) % len(subject.images)] for k in range(tiles)])
-             for i in range(0, len(subject.images), tiles)]
+    singles, tiled = classify_requests(subject.images, tiles)
     rows = []
     search = os.environ.get("MEDCL_CUDNN_CONV_ALGO_SEARCH", "HEURISTIC")
     for rule, env in ((f"one batch runner per core (default), cuDNN {search}", {}),

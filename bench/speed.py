@@ -176,6 +176,14 @@ def model_tensors(subject: Subject, count: int) -> tuple[np.ndarray, float]:
     return np.ascontiguousarray(np.concatenate([batch] * reps)[:count]), per_image_ms
 
 
+def classify_requests(images: list[tuple[str, bytes]], tiles: int) -> tuple[list[Request], list[Request]]:
+    """/classify bodies, built once before timing: one image each, and ``tiles`` images each."""
+    singles = [multipart_images([image]) for image in images]
+    tiled = [multipart_images([images[(i + k) % len(images)] for k in range(tiles)])
+             for i in range(0, len(images), tiles)]
+    return singles, tiled
+
+
 # --- the systems ----------------------------------------------------------------------------------
 
 def row(subject: Subject, system: str, request: str, concurrency: int, cell: dict, peak: float) -> dict:
@@ -192,9 +200,7 @@ class Cells:
         self.tensors, self.preprocess_ms = model_tensors(subject, max(options.concurrency))
         self.ort, self.provider = onnxruntime_call(subject.package_dir)
         self.torch = torch_eager_call(subject.run_dir)
-        self.singles = [multipart_images([image]) for image in subject.images]
-        self.tiles = [multipart_images([subject.images[(i + k) % len(subject.images)] for k in range(options.tiles)])
-                      for i in range(0, len(subject.images), options.tiles)]
+        self.singles, self.tiles = classify_requests(subject.images, options.tiles)
         self.raw_images: list[Request] = [raw_image(data) for _, data in subject.images]
 
     def onnxruntime(self, c: int, seconds: float) -> dict:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench.report import replace_generated
+
 START, END = "<!-- medcl bench: generated from here -->", "<!-- medcl bench: generated to here -->"
 
 
@@ -16,13 +18,7 @@ def write_report(result: dict, out: Path, command: str) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     figure = plot(result, out.with_suffix(".png"))
     generated = "\n".join([START, *markdown(result, figure), "", "Produced by:", "", "```", command, "```", END])
-    page = out.with_suffix(".md")
-    text = page.read_text() if page.is_file() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        text = text[:text.index(START)] + generated + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + generated + "\n"
-    page.write_text(text)
+    replace_generated(out.with_suffix(".md"), START, END, generated, "Benchmarks")
 
 
 def _fmt(value) -> str:
