@@ -62,8 +62,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from training.experiment import run_experiment
+    from training.vessels import is_vessel_transfer_config, run_transfer
 
-    report = run_experiment(args.config, progress=not args.quiet, fractions=args.fractions, methods=args.methods)
+    # one runner for every sweep: classification sweeps, and the DRIVE vessel transfer (kind: vessel_transfer)
+    runner = run_transfer if is_vessel_transfer_config(args.config) else run_experiment
+    report = runner(args.config, progress=not args.quiet, fractions=args.fractions, methods=args.methods)
     print(json.dumps({"experiment": report["name"], "runs": len(report["rows"])}))
     return 0
 
