@@ -41,6 +41,17 @@ class MethodEntry(BaseModel):
     teacher: str | None = None
 
 
+class PublishedResult(BaseModel):
+    """A number from a paper or benchmark, shown beside the table and never mixed into our runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str  # who published it, with its setting (model, input size, budget)
+    method: str
+    label_fraction: float
+    values: dict[str, float]  # metric -> value, same metric names as the table
+
+
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -55,6 +66,7 @@ class ExperimentConfig(BaseModel):
     output_dir: str = "runs/experiments"
     results_dir: str = "docs/results"
     note: str = ""  # printed beside the table: the budget and how it differs from the paper
+    published: list[PublishedResult] = []
 
     def entries(self) -> list[MethodEntry]:
         return [MethodEntry(label=m, method=m) if isinstance(m, str) else m for m in self.methods]
@@ -155,7 +167,7 @@ def run_experiment(path: str | Path, progress: bool = True, fractions: list[floa
                              "seconds": round(time.time() - started, 1),
                              **{m: test[m] for m in config.metrics if m in test}})
     report = {"name": config.name, "dataset": config.dataset, "metrics": config.metrics, "rows": rows,
-              "note": config.note}
+              "note": config.note, "published": [p.model_dump() for p in config.published]}
     write_outputs(report, results_dir, command=command)
     merge_summary(results_dir / "summary.json", config.dataset, rows, config.metrics)
     return report
@@ -184,6 +196,14 @@ def write_outputs(report: dict, results_dir: Path, command: str) -> None:
             cell = [r for r in rows if r["method"] == method and r["label_fraction"] == fraction]
             lines.append(f"| {fraction * 100:g}% | {method} | "
                          + " | ".join(_cell([r[m] for r in cell if m in r]) for m in metrics) + " |")
+    published = report.get("published") or []
+    if published:
+        lines += ["", "Published numbers, for comparison (not measured here; their settings differ from ours):", "",
+                  "| labels | method | " + " | ".join(metrics) + " | source |", "|---|---|" + "---|" * (len(metrics) + 1)]
+        for p in published:
+            lines.append(f"| {p['label_fraction'] * 100:g}% | {p['method']} | "
+                         + " | ".join(f"{p['values'][m]:.3f}" if m in p["values"] else "–" for m in metrics)
+                         + f" | {p['source']} |")
     lines += ["", f"![{metrics[0]} by label fraction]({name}.png)", "", "Produced by:", "", "```", command, "```", ""]
     (results_dir / f"{name}.md").write_text("\n".join(lines))
     _plot(rows, methods, fractions, metrics, results_dir / f"{name}.png", name)
