@@ -81,6 +81,15 @@ class Splits:
 # --------------------------------------------------------------------------------------- readers
 
 
+def resize_images(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """(N, H, W, 3) uint8 through the card's crop and resize (``to_model_pixels``), one image at a time."""
+    from PIL import Image
+
+    from medcl.preprocess import to_model_pixels
+
+    return np.stack([to_model_pixels(Image.fromarray(img), spec) for img in images])
+
+
 def read_npz(path: str | Path, class_names: list[str] | None = None) -> Splits:
     """A MedMNIST-style archive with ``{train,val,test}_{images,labels}``."""
     path = Path(path)

@@ -27,7 +27,7 @@ from training.checkpoint import (find_training_checkpoint, load_training_checkpo
 from training.config import DataConfig, TrainConfig
 from training.distributed import ShardedForward, agree, barrier, from_environment, global_batchnorm
 from training.data import (UNLABELLED, DataError, ImageSet, MPerClassSampler, RandomBatches, Splits, group_split,
-                           label_subsample, read_csv_manifest, read_folder, read_npz)
+                           label_subsample, read_csv_manifest, read_folder, read_npz, resize_images)
 from training.methods import Batch, StepContext, create_method
 from training.metrics import classification_metrics, knn_accuracy, macro_auroc, predict
 from training.models import EncoderClassifier, create_model
@@ -48,8 +48,11 @@ def load_splits(config: DataConfig, spec, seed: int) -> Splits:
     if config.kind == "npz":
         splits = read_npz(config.path, config.class_names)
         if splits.train.images.shape[1] != spec.input_size:
-            raise DataError(f"{config.path} holds {splits.train.images.shape[1]} px images but the card's "
-                            f"input_size is {spec.input_size}")
+            # e.g. 28 px MedMNIST at 224 (MedMNIST's own "ResNet (224)" setting): resized by the card's
+            # preprocessing, exactly as the service resizes a 28 px upload
+            for part in (splits.train, splits.val, splits.test):
+                if part is not None:
+                    part.images = resize_images(part.images, spec)
         return splits
     if config.kind == "folder":
         everything, extra_unlabelled = read_folder(config.path, spec)
