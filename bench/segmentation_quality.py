@@ -29,12 +29,12 @@ def _truth(path: Path) -> np.ndarray:
 
 
 def evaluate_classical(images: Path, instances: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    from medcl.segmentation import classical_instances, segmentation_scores
+    from medcl.segmentation import as_brightfield, classical_instances, segmentation_scores
     from training.nuclei import image_files, read_rgb
 
     per_image, predictions = {}, {}
     for f in image_files(images):
-        pred = classical_instances(read_rgb(f))
+        pred = classical_instances(as_brightfield(read_rgb(f))[0])
         per_image[f.name] = segmentation_scores(_truth(instances / f.name), pred)
         predictions[f.name] = pred
     return per_image, predictions
@@ -50,8 +50,9 @@ def evaluate_run(run_dir: Path, images: Path, instances: Path) -> tuple[dict, di
                                                               "channel_rule": card.segmentation.channel_rule}
 
 
-def overlay_figure(image_path: Path, instances: Path, predictions: dict[str, dict[str, np.ndarray]], out: Path) -> Path:
-    """One test image: ground-truth contours, then each method's, on a 400x400 crop."""
+def overlay_figure(image_path: Path, instances: Path, predictions: dict[str, dict[str, np.ndarray]], out: Path,
+                   title: str) -> Path:
+    """One test image: ground-truth contours, then each method's, on a central crop of at most 400x400."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,17 +62,18 @@ def overlay_figure(image_path: Path, instances: Path, predictions: dict[str, dic
     from training.nuclei import read_rgb
 
     rgb = read_rgb(image_path)
-    y0, x0, size = 300, 300, 400
+    size = min(400, *rgb.shape[:2])
+    y0, x0 = (rgb.shape[0] - size) // 2, (rgb.shape[1] - size) // 2
     panels = {"ground truth": _truth(instances / image_path.name), **{k: v[image_path.name] for k, v in predictions.items()}}
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2))
-    for ax, (title, labels) in zip(axes, panels.items()):
+    for ax, (name, labels) in zip(axes, panels.items()):
         crop = rgb[y0:y0 + size, x0:x0 + size].copy()
         edges = find_boundaries(labels[y0:y0 + size, x0:x0 + size], mode="inner")
-        crop[edges] = (0, 255, 0) if title == "ground truth" else (255, 255, 0)
+        crop[edges] = (0, 255, 0) if name == "ground truth" else (255, 255, 0)
         ax.imshow(crop)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(name, fontsize=10)
         ax.axis("off")
-    fig.suptitle(f"MoNuSeg test {image_path.stem} (crop {size}x{size} px at 40x)", fontsize=10)
+    fig.suptitle(f"{title}: {image_path.stem[:24]} (crop {size}x{size} px)", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
@@ -79,49 +81,89 @@ def overlay_figure(image_path: Path, instances: Path, predictions: dict[str, dic
     return out
 
 
+# how each training method is named in the table, and its share of labels in summary.json
+# (0.0: no labels at all; 1.0: every training mask)
+METHODS = {"classical": ("classical: colour deconvolution + Otsu + watershed", 0.0),
+           "patch_contrast": ("self-supervised patch contrast (no labels)", 0.0),
+           "supervised_unet": ("supervised U-Net (MoNuSeg train masks)", 1.0)}
+
+
+def _image_means(per_image: dict) -> dict[str, float]:
+    return {k: float(np.mean([v[k] for v in per_image.values()])) for k in KEYS}
+
+
+def _cell(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="*", type=Path, help="trained segmenter runs (task: segment)")
+    p.add_argument("runs", nargs="*", type=Path, help="trained segmenter runs (task: segment); several runs of "
+                   "one method (seeds) are one row, mean ± std over them")
     p.add_argument("--data", type=Path, default=DATA, help="folder with images/ and instances/")
+    p.add_argument("--dataset", default="monuseg", help="its name in the title and in summary.json")
     p.add_argument("--out", type=Path, default=Path("docs/results/monuseg-segmentation"))
+    p.add_argument("--summary", type=Path, default=None,
+                   help="merge per-seed Dice/AJI/PQ into this summary.json (dataset -> method -> label share)")
     args = p.parse_args(argv)
     images, instances = args.data / "images", args.data / "instances"
     if not images.is_dir() or not instances.is_dir():
-        print(f"segmentation_quality: MoNuSeg test data not found at {args.data}", file=sys.stderr)
+        print(f"segmentation_quality: no images/ and instances/ under {args.data}", file=sys.stderr)
         return 2
-    rows, raw, predictions = [], {}, {}
+    raw: dict = {"dataset": args.dataset, "data": str(args.data), "runs": {}}
+    by_method: dict[str, list[dict]] = {}
+    predictions: dict[str, dict[str, np.ndarray]] = {}
     start = time.perf_counter()
-    per_image, predictions["classical (H + Otsu + watershed)"] = evaluate_classical(images, instances)
-    raw["classical"] = {"per_image": per_image, "seconds_inference": round(time.perf_counter() - start, 1)}
-    rows.append(("classical: colour deconvolution + Otsu + watershed", per_image, "none", 0, "-"))
+    per_image, predictions["classical"] = evaluate_classical(images, instances)
+    raw["runs"]["classical"] = {"per_image": per_image, "seconds_inference": round(time.perf_counter() - start, 1)}
+    by_method["classical"] = [{"scores": _image_means(per_image), "seconds": None, "parameters": 0, "rule": "",
+                               "steps": "none", "seed": None}]
     for run in args.runs:
         start = time.perf_counter()
         per_image, preds, training = evaluate_run(run, images, instances)
-        raw[run.name] = {"per_image": per_image, "training": training,
-                         "seconds_inference": round(time.perf_counter() - start, 1)}
-        label = {"patch_contrast": "self-supervised patch contrast (no labels)",
-                 "supervised_unet": "supervised U-Net (MoNuSeg train masks)"}.get(training["method"], run.name)
-        predictions[label.split(" (")[0]] = preds
-        rows.append((label, per_image, f"{training['seconds']:.0f} s ({training['steps_run']} steps, kept "
-                     f"{training['chosen_step']})", training["parameters"], training.get("channel_rule", "")))
-    lines = ["# Nuclei segmentation on MoNuSeg test (14 images, 1000x1000, 40x)", "",
-             "Mean over images of per-image scores; every method through the same post-processing "
-             "(opening disk 3, closing disk 1, holes filled, < 30 px dropped, distance-transform watershed).", "",
-             "| method | Dice | AJI | PQ | training (this CPU) | parameters |", "|---|---|---|---|---|---|"]
-    for label, per_image, seconds, params, _ in rows:
-        means = {k: np.mean([v[k] for v in per_image.values()]) for k in KEYS}
-        stds = {k: np.std([v[k] for v in per_image.values()]) for k in KEYS}
-        lines.append(f"| {label} | {means['dice']:.3f} ± {stds['dice']:.3f} | {means['aji']:.3f} ± {stds['aji']:.3f} "
-                     f"| {means['pq']:.3f} ± {stds['pq']:.3f} | {seconds} | {params:,} |")
-        raw.setdefault("summary", {})[label] = {k: round(float(means[k]), 4) for k in KEYS}
-    rules = [r for r in rows if r[4] not in ("", "-")]
-    if rules:
-        lines += ["", *[f"- {label}: nuclei map chosen by {rule}." for label, _, _, _, rule in rules]]
-    figure = overlay_figure(sorted(images.glob("*.png"))[0], instances, predictions, args.out.with_suffix(".png"))
-    lines += ["", f"![overlays]({figure.name})", "",
-              "± is the spread over the 14 test images (one training seed)."]
-    write_results(args.out, raw, lines, "python -m bench.segmentation_quality " + " ".join(map(str, args.runs))
-                  + f" --out {args.out}")
+        raw["runs"][run.name] = {"per_image": per_image, "training": training,
+                                 "seconds_inference": round(time.perf_counter() - start, 1)}
+        method = training["method"]
+        predictions.setdefault(method.replace("_", " "), preds)  # the first seed's picture
+        by_method.setdefault(method, []).append({
+            "scores": _image_means(per_image), "seconds": training["seconds"], "parameters": training["parameters"],
+            "rule": training.get("channel_rule", ""), "seed": training.get("seed"),
+            "steps": f"{training['steps_run']} steps, kept {training['chosen_step']}"})
+    n_images = len(next(iter(raw["runs"].values()))["per_image"])
+    seeds = max(len(v) for k, v in by_method.items() if k != "classical") if args.runs else 0
+    lines = [f"# Nuclei segmentation on {args.dataset} ({n_images} images with instance masks)", "",
+             "Per run: the mean over images of per-image scores; a row: mean ± standard deviation of that over "
+             f"training seeds ({seeds} per trained method; the classical baseline has no seed). Every method "
+             "goes through the same post-processing (opening disk 3, closing disk 1, holes filled, < 30 px "
+             "dropped, distance-transform watershed).", "",
+             "| method | seeds | Dice | AJI | PQ | training per run (this CPU) | parameters |",
+             "|---|---|---|---|---|---|---|"]
+    summary_rows = []
+    for method, runs in by_method.items():
+        label, share = METHODS.get(method, (method, 1.0))
+        cells = " | ".join(_cell([r["scores"][k] for r in runs]) for k in KEYS)
+        seconds = [r["seconds"] for r in runs if r["seconds"] is not None]
+        cost = f"{np.mean(seconds):.0f} s ({runs[0]['steps']})" if seconds else "none"
+        n_seeds = len(runs) if method != "classical" else "–"
+        lines.append(f"| {label} | {n_seeds} | {cells} | {cost} | {runs[0]['parameters']:,} |")
+        raw.setdefault("summary", {})[method] = {k: [round(r["scores"][k], 4) for r in runs] for k in KEYS}
+        summary_rows += [{"method": method, "label_fraction": share, "seed": r["seed"],
+                          **{k: round(r["scores"][k], 4) for k in KEYS}} for r in runs]
+    rules = [(METHODS.get(m, (m,))[0], r["rule"]) for m, runs in by_method.items() for r in runs[:1]
+             if r["rule"] not in ("", "-")]
+    lines += ["", *[f"- {label}: nuclei map chosen by {rule} (first seed)." for label, rule in rules]]
+    figure = overlay_figure(sorted(images.glob("*.png"))[0], instances, predictions, args.out.with_suffix(".png"),
+                            args.dataset)
+    lines += ["", f"![overlays]({figure.name})"]
+    command = "python -m bench.segmentation_quality " + " ".join(map(str, args.runs))
+    if args.data != DATA:
+        command += f" --data {args.data} --dataset {args.dataset}"
+    command += f" --out {args.out}" + (f" --summary {args.summary}" if args.summary else "")
+    write_results(args.out, raw, lines, command)
+    if args.summary:
+        from training.experiment import merge_summary
+
+        merge_summary(args.summary, args.dataset, summary_rows, list(KEYS))
     print("\n".join(lines))
     return 0
 

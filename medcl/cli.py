@@ -426,7 +426,7 @@ def _client_call(args: argparse.Namespace, call: str) -> int:
                 answers = client.classify(batch, top_k=args.top_k, model=args.model)
             elif call == "segment":
                 answers = client.segment(batch, pixel_size_um=args.pixel_size_um, return_geojson=args.geojson,
-                                         model=args.model)
+                                         model=args.model, modality=args.modality)
             else:
                 answers = client.embed(batch, model=args.model)
             for f, answer in zip(batch, answers):
@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("predict", cmd_predict, "classify image files with a running service"),
                              ("embed", cmd_embed, "embed image files with a running service"),
-                             ("segment", cmd_segment, "find nuclei in H&E tiles with a running service")):
+                             ("segment", cmd_segment, "find nuclei in H&E (or fluorescence) tiles with a running service")):
         c = sub.add_parser(name, help=text + " (one JSON line per file)")
         c.add_argument("files", nargs="+", type=Path)
         c.add_argument("--url", default=os.environ.get("MEDCL_URL"), help="service URL (MEDCL_URL, default "
@@ -589,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "segment":
             c.add_argument("--pixel-size-um", type=float, help="µm per pixel of the tiles (areas in µm², resampling)")
             c.add_argument("--geojson", action="store_true", help="include a GeoJSON FeatureCollection per tile")
+            c.add_argument("--modality", choices=["auto", "brightfield", "fluorescence"], default="auto",
+                           help="fluorescence images are inverted before the model (default: detected per image)")
         c.set_defaults(func=func)
 
     b = sub.add_parser("bento", help="build a Bento (bentoml build, offline) that carries the models it serves")

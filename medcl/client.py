@@ -89,9 +89,9 @@ class _Calls:
 
     @staticmethod
     def segment(images: Iterable[ImageInput], pixel_size_um: float | None = None, return_mask: bool = False,
-                return_geojson: bool = False, model: str | None = None):
+                return_geojson: bool = False, model: str | None = None, modality: str = "auto"):
         fields = {"pixel_size_um": pixel_size_um, "return_mask": return_mask, "return_geojson": return_geojson,
-                  "model": model}
+                  "model": model, "modality": modality}
         return "POST", "/segment", True, {"files": _files(images), "data": _form(fields)}
 
     @staticmethod
@@ -177,8 +177,8 @@ class MedclClient(_Base):
         return self._request(*_Calls.embed(images, model))
 
     def segment(self, images: Iterable[ImageInput], pixel_size_um: float | None = None, return_mask: bool = False,
-                return_geojson: bool = False, model: str | None = None) -> list[dict]:
-        return self._request(*_Calls.segment(images, pixel_size_um, return_mask, return_geojson, model))
+                return_geojson: bool = False, model: str | None = None, modality: str = "auto") -> list[dict]:
+        return self._request(*_Calls.segment(images, pixel_size_um, return_mask, return_geojson, model, modality))
 
     def models(self) -> list[dict]:
         return self._request(*_Calls.models())["models"]
@@ -241,8 +241,10 @@ class AsyncMedclClient(_Base):
         return await self._request(*_Calls.embed(images, model))
 
     async def segment(self, images: Iterable[ImageInput], pixel_size_um: float | None = None,
-                      return_mask: bool = False, return_geojson: bool = False, model: str | None = None) -> list[dict]:
-        return await self._request(*_Calls.segment(images, pixel_size_um, return_mask, return_geojson, model))
+                      return_mask: bool = False, return_geojson: bool = False, model: str | None = None,
+                      modality: str = "auto") -> list[dict]:
+        return await self._request(*_Calls.segment(images, pixel_size_um, return_mask, return_geojson, model,
+                                                   modality))
 
     async def models(self) -> list[dict]:
         return (await self._request(*_Calls.models()))["models"]

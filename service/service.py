@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import aiohttp
 import bentoml
 import numpy as np
+from PIL import Image as PILImage
 from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, ServiceUnavailable
 from pydantic import BaseModel, Field
 
@@ -38,7 +39,8 @@ from medcl.index.schema import (CaseIndexError, CaseMetadata, DuplicateId, Searc
 from medcl.index.sources import store_source
 from medcl.preprocess import (DEFAULT_MAX_PIXELS, SERVICE_FORMATS, ImageDecodeError, ImageTooLargeError, decode_image,
                               normalise, to_model_pixels, to_rgb)
-from medcl.segmentation import describe_instances, geojson, instances_from_probability, label_png, sliding_window
+from medcl.segmentation import (as_brightfield, describe_instances, geojson, instances_from_probability, label_png,
+                                sliding_window)
 from medcl.segmentation import InstanceRules
 from medcl.auth import KeyStore, auth_disabled
 from service import metrics
@@ -131,6 +133,8 @@ class Segmentation(BaseModel):
     count: int = Field(description="Nuclei found")
     nuclei: list[Nucleus]
     pixel_size_um: float | None
+    modality: str = Field(description="brightfield, or fluorescence (inverted to dark nuclei on a bright background "
+                                      "before the model); detected from the image unless the request named it")
     label_png_base64: str | None = Field(None, description="16-bit label image (0 = background), with return_mask")
     geojson: dict | None = Field(None, description="FeatureCollection QuPath imports, with return_geojson")
     model: str
@@ -583,10 +587,13 @@ class Medcl:
     def segment(self, images: list[Path] = Field(default_factory=list), images_base64: list[str] = IMAGES_BASE64,
                 pixel_size_um: Annotated[float | None, Field(ge=0.01, le=100)] = None,  # ge: OpenAPI 3.0 has no numeric exclusiveMinimum
                 return_mask: bool = False, return_geojson: bool = False,
+                modality: Literal["auto", "brightfield", "fluorescence"] = "auto",
                 model: str | None = MODEL_FIELD) -> list[Segmentation]:
         """Nuclei instances in each tile: count, centroid, area, bounding box and contour of each nucleus;
         optionally the label image (16-bit PNG) and a GeoJSON FeatureCollection for QuPath. Tiles larger
-        than the network's window are processed in overlapping windows and stitched without seams."""
+        than the network's window are processed in overlapping windows and stitched without seams.
+        Fluorescence images (bright nuclei on black; ``modality``, detected when "auto") are turned into
+        dark nuclei on a bright background first, as the segmenters learned on H&E."""
         name, active = self.resolve(model, "segment", ("segment",))
         card = active.card
         started = time.perf_counter()
@@ -595,14 +602,16 @@ class Medcl:
         out = []
         for i, (filename, data) in enumerate(self._uploads(images, images_base64, "segment")):
             image = to_rgb(self._decode(i, filename, data, "segment", MAX_SEGMENT_PIXELS))
-            probability = self._nuclei_map(active, image, spec.pixel_size_um, pixel_size_um)
+            rgb, used = as_brightfield(np.asarray(image), modality)
+            work = image if used == "brightfield" else PILImage.fromarray(rgb)
+            probability = self._nuclei_map(active, work, spec.pixel_size_um, pixel_size_um)
             labels = instances_from_probability(probability, rules)
             nuclei = describe_instances(labels, pixel_size_um)
             metrics.IMAGES.labels("segment", name).inc()
             metrics.NUCLEI_PER_TILE.labels(name).observe(len(nuclei))
             out.append(Segmentation(
                 image=filename, width=image.width, height=image.height, count=len(nuclei),
-                nuclei=[Nucleus(**n) for n in nuclei], pixel_size_um=pixel_size_um,
+                nuclei=[Nucleus(**n) for n in nuclei], pixel_size_um=pixel_size_um, modality=used,
                 label_png_base64=base64.b64encode(label_png(labels)).decode() if return_mask else None,
                 geojson=geojson(nuclei, card.version) if return_geojson else None,
                 model=name, model_version=card.version))

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medcl.segmentation import (InstanceRules, aji, classical_instances, describe_instances, dice, geojson,
-                                instances_from_mask, label_png, panoptic_quality, segmentation_scores, sliding_window)
+from medcl.segmentation import (InstanceRules, aji, as_brightfield, classical_instances, describe_instances, dice,
+                                geojson, instances_from_mask, label_png, panoptic_quality, segmentation_scores,
+                                sliding_window)
 from tests.conftest import ADMIN_KEY, REPO_ROOT, shared
 
 HE_TILES = REPO_ROOT / "demo" / "he-tiles"
@@ -257,6 +258,54 @@ def test_python_client_and_cli_segment(two_model_service: str) -> None:
     assert all(line["count"] == len(line["nuclei"]) for line in lines)
     missing = subprocess.run([*cli, "no-such-tile.png"], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "no-such-tile.png" in missing.stderr
+
+
+def _dsb(kind: str, n: int) -> list[Path]:
+    """DSB 2018 images of one modality (CC0; mostly fluorescence), by their own brightness."""
+    folder = shared("nuclei-dsb2018", "images")
+    found = [p for p in sorted(folder.glob("*.png"))
+             if (np.median(np.asarray(Image.open(p).convert("RGB")).max(axis=2)) < 30) == (kind == "fluorescence")]
+    return found[:n]
+
+
+def test_fluorescence_is_recognised_and_made_brightfield_like() -> None:
+    from training.nuclei import read_rgb
+
+    dark, bright = _dsb("fluorescence", 100), _dsb("brightfield", 100)
+    assert len(dark) > 40 and len(bright) > 5
+    assert all(as_brightfield(read_rgb(p))[1] == "fluorescence" for p in dark)
+    assert all(as_brightfield(read_rgb(p))[1] == "brightfield" for p in bright)
+    he = [*sorted(shared("monuseg", "test", "images").glob("*.png")),
+          shared("histology-tiles", "kather2016", "04_LYMPHO")]  # the darkest H&E here: packed lymphocytes
+    for path in [*he[:-1], *sorted(he[-1].glob("*.tif"))]:
+        rgb = read_rgb(path)
+        image, used = as_brightfield(rgb)
+        assert used == "brightfield" and image is rgb, path
+    helped = []
+    for path in dark[:6]:
+        truth = np.asarray(Image.open(path.parent.parent / "instances" / path.name)).astype(np.int64)
+        rgb = read_rgb(path)
+        image, _ = as_brightfield(rgb)
+        assert image[truth > 0].mean() < image[truth == 0].mean() - 30  # nuclei now dark on bright
+        helped.append(dice(classical_instances(image) > 0, truth > 0) - dice(classical_instances(rgb) > 0, truth > 0))
+    assert np.mean(helped) > 0.05
+    with pytest.raises(ValueError, match="modality must be one of"):
+        as_brightfield(read_rgb(dark[0]), "infrared")
+
+
+def test_segment_a_fluorescence_image(two_model_service: str) -> None:
+    (path,) = _dsb("fluorescence", 1)
+    files = [(path.name, path.read_bytes(), "image/png")]
+    auto = _post(two_model_service, "/segment", files)
+    assert auto.status_code == 200, auto.text
+    assert auto.json()[0]["modality"] == "fluorescence"
+    forced = _post(two_model_service, "/segment", files, modality="brightfield")
+    assert forced.status_code == 200 and forced.json()[0]["modality"] == "brightfield"
+    tile = sorted(HE_TILES.glob("TUM*.png"))[0]
+    he = _post(two_model_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")])
+    assert he.json()[0]["modality"] == "brightfield"
+    bad = _post(two_model_service, "/segment", files, modality="infrared")
+    assert bad.status_code == 400 and "modality" in bad.text
 
 
 def test_metrics_per_model_and_endpoint(two_model_service: str) -> None:

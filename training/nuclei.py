@@ -41,7 +41,8 @@ from tqdm import tqdm
 from medcl.card import ArchitectureSpec, Card, DataSpec, PreprocessSpec, SegmentationSpec
 from medcl.errors import MedclError
 from medcl.preprocess import IMAGE_SUFFIXES
-from medcl.segmentation import InstanceRules, haematoxylin, instances_from_probability, segmentation_scores
+from medcl.segmentation import (InstanceRules, as_brightfield, haematoxylin, instances_from_probability,
+                                segmentation_scores)
 from training.checkpoint import save_weights
 
 DILATIONS = (1, 2, 3, 5, 10, 20)
@@ -546,7 +547,7 @@ def evaluate_segmenter(network: nn.Module, spec: SegmentationSpec, images: str |
         from PIL import Image
 
         truth = np.asarray(Image.open(truth_path)).astype(np.int64)
-        rgb = read_rgb(f, scale)
+        rgb, _ = as_brightfield(read_rgb(f, scale))  # as the service does: fluorescence made brightfield-like
         pred = instances_from_probability(nuclei_probability(network, spec, rgb), InstanceRules.of(spec))
         per_image[f.name] = segmentation_scores(truth, pred)
         if predictions is not None:
