@@ -173,6 +173,16 @@ def read_config_yaml(path: str | os.PathLike[str], overrides: dict | None = None
     return raw
 
 
+def top_level_value(path: str | os.PathLike[str], key: str) -> object:
+    """One top-level value of a YAML file, or None when the file or the key is missing or unreadable:
+    how the CLI tells config kinds apart before validating one."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return raw.get(key) if isinstance(raw, dict) else None
+
+
 def validate_config(model: type[BaseModel], raw: dict, path: str | os.PathLike[str]):
     """``model.model_validate(raw)``, or a ConfigError naming the file and the first bad field."""
     try:

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
@@ -265,11 +264,9 @@ class SegmenterError(MedclError, ValueError):
 
 
 def is_segmenter_config(path: str | Path) -> bool:
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(raw, dict) and raw.get("task") == "segment"
+    from training.config import top_level_value
+
+    return top_level_value(path, "task") == "segment"
 
 
 def load_segmenter_config(path: str | Path, overrides: dict | None = None) -> SegmenterConfig:

@@ -70,11 +70,9 @@ class TransferError(MedclError, ValueError):
 
 
 def is_vessel_transfer_config(path: str | Path) -> bool:
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(raw, dict) and raw.get("kind") == "vessel_transfer"
+    from training.config import top_level_value
+
+    return top_level_value(path, "kind") == "vessel_transfer"
 
 
 def load_transfer_config(path: str | Path) -> tuple[VesselTransferConfig, Path]:
