@@ -212,7 +212,7 @@ def vessel_probability(model: ResNetUNet, rgb: np.ndarray, config: VesselTransfe
                        full_size: tuple[int, int]) -> np.ndarray:
     """Vessel probability of a whole (scaled) image, resized to the original resolution."""
     model.eval()
-    x = _normalise(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0, config)
+    x = _normalise(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255.0, config)
     h, w = x.shape[-2:]
     m = model.stride
     x = F.pad(x, (0, (-w) % m, 0, (-h) % m), mode="reflect")
