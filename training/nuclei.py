@@ -369,7 +369,7 @@ def choose_nuclei_channel(network: ConfidenceNetwork, images: list[np.ndarray], 
             img = images[i]
             y0, x0 = max(0, (img.shape[0] - crop) // 2), max(0, (img.shape[1] - crop) // 2)
             img = np.ascontiguousarray(img[y0:y0 + crop, x0:x0 + crop])
-            maps = network(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0)[0].numpy()
+            maps = network(torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255.0)[0].numpy()
             h = haematoxylin(img)
             for c in range(len(sums)):
                 inside = maps[c] >= 0.5
