@@ -122,13 +122,18 @@ def instances_from_mask(foreground: np.ndarray, rules: InstanceRules = InstanceR
     return relabel(labels)
 
 
-def instances_from_probability(probability: np.ndarray, rules: InstanceRules = InstanceRules()) -> np.ndarray:
+def probability_foreground(probability: np.ndarray, rules: InstanceRules = InstanceRules()) -> np.ndarray:
+    """The pixels a nuclei map marks under the rules' threshold (fixed, or Otsu never below it)."""
     threshold = rules.threshold
     if rules.threshold_rule == "otsu" and float(probability.max()) > float(probability.min()):
         from skimage.filters import threshold_otsu
 
         threshold = max(threshold, float(threshold_otsu(probability)))
-    return instances_from_mask(probability >= threshold, rules)
+    return probability >= threshold
+
+
+def instances_from_probability(probability: np.ndarray, rules: InstanceRules = InstanceRules()) -> np.ndarray:
+    return instances_from_mask(probability_foreground(probability, rules), rules)
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:

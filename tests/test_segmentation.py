@@ -124,12 +124,54 @@ def test_classical_baseline_finds_nuclei_on_a_real_monuseg_tile() -> None:
 
 # --- training, export, and the service -------------------------------------------------------------
 
+class _StainMaps:
+    """Stands in for a trained network with two known maps built from the input's own haematoxylin:
+    ``good`` follows the stain's Otsu region; ``bad`` is one of the two failure modes seen in training
+    (only the darkest 1% of pixels, MoNuSeg seed 2; or all tissue)."""
+
+    def __init__(self, bad: str, good_first: bool) -> None:
+        self.bad, self.good_first = bad, good_first
+        self.head = type("Head", (), {"out_channels": 2})()
+
+    def eval(self) -> "_StainMaps":
+        return self
+
+    def __call__(self, x):
+        import torch
+
+        from medcl.segmentation import haematoxylin
+
+        rgb = (x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        h = haematoxylin(rgb)
+        from skimage.filters import threshold_otsu
+
+        good = 1 / (1 + np.exp(-(h - threshold_otsu(h)) * 60))
+        bad = (h > np.quantile(h, 0.99)).astype(np.float32) if self.bad == "darkest" else \
+            (rgb.mean(-1) < 220).astype(np.float32)
+        maps = [good, bad] if self.good_first else [bad, good]
+        return torch.from_numpy(np.stack(maps).astype(np.float32))[None]
+
+
+@pytest.mark.parametrize("bad", ["darkest", "all_tissue"])
+@pytest.mark.parametrize("good_first", [True, False])
+def test_nuclei_channel_is_the_map_agreeing_with_the_stain(bad: str, good_first: bool) -> None:
+    pytest.importorskip("torch")
+    from training.nuclei import choose_nuclei_channel, image_files, read_rgb
+
+    images = [read_rgb(f) for f in image_files(shared("monuseg", "train", "images"))[:6]]
+    channel, agreement = choose_nuclei_channel(_StainMaps(bad, good_first), images,
+                                               InstanceRules(threshold_rule="otsu"))
+    assert channel == (0 if good_first else 1), agreement
+    assert agreement[channel] > 0.8 and agreement[1 - channel] < 0.6, agreement
+
+
+
 def test_training_writes_a_card_with_a_label_free_channel_choice(segmenter_run: Path) -> None:
     from medcl.card import Card
 
     card = Card.load(segmenter_run)
     assert card.task == "segment" and card.segmentation is not None
-    assert card.segmentation.channel_rule.startswith("highest haematoxylin contrast")
+    assert card.segmentation.channel_rule.startswith("best Dice agreement with the haematoxylin")
     assert card.training["parameters"] == 11106
     history = json.loads((segmenter_run / "history.json").read_text())
     assert any("probe_loss" in h for h in history)
