@@ -138,16 +138,17 @@ class _StainMaps:
 
     def __call__(self, x):
         import torch
+        from skimage.filters import threshold_otsu
 
         from medcl.segmentation import haematoxylin
 
         rgb = (x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
         h = haematoxylin(rgb)
-        from skimage.filters import threshold_otsu
-
         good = 1 / (1 + np.exp(-(h - threshold_otsu(h)) * 60))
-        bad = (h > np.quantile(h, 0.99)).astype(np.float32) if self.bad == "darkest" else \
-            (rgb.mean(-1) < 220).astype(np.float32)
+        if self.bad == "darkest":
+            bad = (h > np.quantile(h, 0.99)).astype(np.float32)
+        else:
+            bad = (rgb.mean(-1) < 220).astype(np.float32)
         maps = [good, bad] if self.good_first else [bad, good]
         return torch.from_numpy(np.stack(maps).astype(np.float32))[None]
 
@@ -163,7 +164,6 @@ def test_nuclei_channel_is_the_map_agreeing_with_the_stain(bad: str, good_first:
                                                InstanceRules(threshold_rule="otsu"))
     assert channel == (0 if good_first else 1), agreement
     assert agreement[channel] > 0.8 and agreement[1 - channel] < 0.6, agreement
-
 
 
 def test_training_writes_a_card_with_a_label_free_channel_choice(segmenter_run: Path) -> None:

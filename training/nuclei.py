@@ -40,7 +40,7 @@ from tqdm import tqdm
 from medcl.card import ArchitectureSpec, Card, DataSpec, PreprocessSpec, SegmentationSpec
 from medcl.errors import MedclError
 from medcl.preprocess import IMAGE_SUFFIXES
-from medcl.segmentation import (InstanceRules, as_brightfield, haematoxylin, instances_from_probability,
+from medcl.segmentation import (InstanceRules, as_brightfield, dice, haematoxylin, instances_from_probability,
                                 otsu_foreground, probability_foreground, segmentation_scores)
 from training.checkpoint import save_weights
 
@@ -362,7 +362,8 @@ def choose_nuclei_channel(network: ConfidenceNetwork, images: list[np.ndarray], 
     the demo tiles (0.58 vs 0.56; both maps follow stain density) and picked the wrong map.
     Haematoxylin contrast inside vs outside the map (mean inside minus mean outside) chose, for
     MoNuSeg seed 2, a map covering 0.7% of the tissue (a few very dark pixels: contrast 0.049 vs
-    0.022), test Dice 0.013; its other map, which agreement picks (0.56 vs 0.05 on 16 training images), scores 0.625."""
+    0.022), test Dice 0.013; its other map, which agreement picks (0.56 vs 0.05 on 16 training
+    images), scores 0.625."""
     picks = sorted({int(i) for i in np.linspace(0, len(images) - 1, min(limit, len(images)))})
     sums = np.zeros(network.head.out_channels)
     network.eval()
@@ -374,14 +375,9 @@ def choose_nuclei_channel(network: ConfidenceNetwork, images: list[np.ndarray], 
             maps = network(torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255.0)[0].numpy()
             stain = otsu_foreground(haematoxylin(img))
             for c in range(len(sums)):
-                sums[c] += dice_overlap(probability_foreground(maps[c], rules), stain)
+                sums[c] += dice(probability_foreground(maps[c], rules), stain)
     agreement = (sums / len(picks)).tolist()
     return int(np.argmax(agreement)), [round(a, 4) for a in agreement]
-
-
-def dice_overlap(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 2.0 * float((a & b).sum()) / total if total else 0.0
 
 
 def _probe_set(images: list[np.ndarray], config: SegmenterConfig) -> torch.Tensor:
