@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import DEMO_CONFIG
@@ -47,3 +48,46 @@ def test_a_sweep_writes_tables_plots_and_the_summary_and_resumes(tmp_path: Path)
     again = run_experiment(config, progress=False)
     assert {r["run"]: (Path(r["run"]) / "metrics.json").stat().st_mtime_ns for r in again["rows"]} == stamps
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]
+
+
+def test_partial_sweeps_add_up_across_machines_and_drop_rows_of_changed_settings(tmp_path: Path, capsys) -> None:
+    """Run folders are not kept in the repository: a later `--fractions` call on a fresh machine must add
+    its rows to the committed results, not replace them, and must not keep rows its config no longer makes."""
+    import shutil
+
+    from training.experiment import ExperimentError, run_experiment
+
+    spec = {
+        "name": "grow", "dataset": "bloodmnist-demo", "base_config": str(DEMO_CONFIG),
+        "methods": ["cross_entropy"], "label_fractions": [0.1, 0.2], "seeds": [0],
+        "metrics": ["accuracy"],
+        "set": {"schedule.steps": 3, "schedule.eval_every": 0, "schedule.labelled_batch": 16,
+                "schedule.m_per_class": 2, "model.width": 8, "data.max_train_images": 200, "schedule.threads": 1},
+        "output_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results")}
+    config = tmp_path / "grow.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    first = run_experiment(config, progress=False, fractions=[0.1])
+    shutil.rmtree(tmp_path / "runs")  # another machine: only the results travel
+    # threads only change how fast a run goes: the earlier row still counts
+    config.write_text(yaml.safe_dump({**spec, "set": {**spec["set"], "schedule.threads": 2}}))
+    second = run_experiment(config, progress=False, fractions=[0.2])
+    assert [(r["label_fraction"], r["accuracy"]) for r in second["rows"]] == [
+        (0.1, first["rows"][0]["accuracy"]), (0.2, second["rows"][1]["accuracy"])]
+    results = tmp_path / "results"
+    saved = json.loads((results / "grow.json").read_text())
+    assert [r["label_fraction"] for r in saved["rows"]] == [0.1, 0.2]
+    assert all(r["train_seconds"] > 0 and len(r["fingerprint"]) == 12 for r in saved["rows"])
+    table = (results / "grow.md").read_text()
+    assert "| 10% | cross_entropy |" in table and "| 20% | cross_entropy |" in table
+    assert f"medcl experiment {config} --fractions 0.1\n" in table and f"{config} --fractions 0.2\n" in table
+    assert set(json.loads((results / "summary.json").read_text())["bloodmnist-demo"]["cross_entropy"]) == {"0.1", "0.2"}
+    # settings that shape training change: the 10% row came from other settings and is left out, with a message
+    config.write_text(yaml.safe_dump({**spec, "set": {**spec["set"], "schedule.steps": 4}}))
+    with pytest.raises(ExperimentError, match="holds a run of other settings.*remove that folder"):
+        run_experiment(config, progress=False, fractions=[0.2])  # its 20% run folder is of the old settings
+    shutil.rmtree(tmp_path / "runs")
+    capsys.readouterr()
+    third = run_experiment(config, progress=False, fractions=[0.2])
+    assert [r["label_fraction"] for r in third["rows"]] == [0.2]
+    assert "1 earlier row(s)" in capsys.readouterr().out
+    assert "| 10% |" not in (results / "grow.md").read_text()

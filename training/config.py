@@ -95,6 +95,9 @@ class ScheduleConfig(BaseModel):
         return self
 
 
+# Schedule fields that change how long or how visibly a run trains, never what it learns.
+VOLATILE_SCHEDULE = frozenset({"max_minutes", "eval_every", "checkpoint_every", "threads"})
+
 # Fields added after runs existed (see TrainConfig.fingerprint), as dotted paths.
 ADDED_LATER = ("init_from", "method.teacher", "method.patch_fraction", "method.normal_classes",
                "method.abnormal_threshold", "method.tau_patch")
@@ -126,7 +129,7 @@ class TrainConfig(BaseModel):
         So is the step budget under a constant learning rate, so that a finished run can be
         extended bit-for-bit; under cosine decay every step's rate depends on it, so it counts.
         """
-        volatile = {"max_minutes", "eval_every", "checkpoint_every", "threads"}
+        volatile = set(VOLATILE_SCHEDULE)
         if self.optim.schedule == "constant":
             volatile.add("steps")
         exclude: dict = {"output_dir": True, "schedule": volatile}

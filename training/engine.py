@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from medcl.card import Card, DataSpec
+from medcl.errors import MedclError
 from training.checkpoint import (find_training_checkpoint, load_training_checkpoint, load_weights,
                                  save_training_checkpoint, save_weights)
 from training.config import DataConfig, TrainConfig
@@ -32,6 +33,10 @@ from training.methods import Batch, StepContext, create_method
 from training.metrics import classification_metrics, knn_accuracy, macro_auroc, predict
 from training.models import EncoderClassifier, create_model
 from training.plots import confusion_matrix_plot, learning_curve
+
+
+class StaleRunError(MedclError, RuntimeError):
+    """The run folder holds a checkpoint of other settings: resuming it would mix two trainings."""
 
 
 @dataclass
@@ -197,7 +202,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     if ckpt is not None:
         state = load_training_checkpoint(ckpt, model, optimizer)
         if state.get("config_fingerprint") != config.fingerprint():
-            raise RuntimeError(f"{run_dir} holds a run of a different config; use a new name or --no-resume")
+            raise StaleRunError(f"{run_dir} holds a run of a different config; use a new name or --no-resume")
         start_step, history, elapsed_before = state["step"], state["history"], state["elapsed_s"]
         labelled_sampler.set_state(state["labelled_sampler"])
         if unlabelled_sampler is not None:

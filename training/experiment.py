@@ -6,6 +6,12 @@ per-seed values into ``<results>/summary.json``: dataset -> method -> label frac
 A run whose metrics already exist for the same config is reused, so an interrupted sweep resumes
 where it stopped and a finished one re-renders without training.
 
+A partial call (``--fractions`` / ``--methods``) adds its rows to ``<name>.json`` instead of replacing
+it: the rows of earlier calls stay when the config still has their cell (method, fraction, seed) and
+would still produce them (their ``fingerprint``, a hash of the cell's YAML settings, still matches).
+So the table grows across calls, sessions and machines without the run folders, which are not kept
+in the repository; each row carries the command that produced it and the table lists them.
+
 A method entry is a name (``s5cl``) or a mapping: ``{label: srcl_pft, method: srcl_pretrain,
 then: cross_entropy, then_set: {...}}`` trains ``method`` first and fine-tunes with ``then`` from its
 weights (pretrain-then-fine-tune), reporting the fine-tuned model. ``teacher: LABEL`` hands the run
@@ -14,11 +20,11 @@ of entry LABEL (same fraction and seed) to the method as ``method.teacher`` (SWC
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +105,7 @@ def _pct(fraction: float) -> str:
 
 def _train(base: Path, overrides: dict[str, Any], progress: bool) -> Path:
     from training.config import load_config
-    from training.engine import train
+    from training.engine import StaleRunError, train
 
     config = load_config(base, overrides)
     fingerprint = config.fingerprint()  # before training: the model factory fills in fields of the config
@@ -107,9 +113,42 @@ def _train(base: Path, overrides: dict[str, Any], progress: bool) -> Path:
     marker = config.run_dir() / "experiment_fingerprint"
     if done.is_file() and marker.is_file() and marker.read_text() == fingerprint:
         return config.run_dir()  # finished before with this exact config
-    run_dir = train(config, resume=True, progress=progress)
+    try:
+        run_dir = train(config, resume=True, progress=progress)
+    except StaleRunError:
+        raise ExperimentError(f"{config.run_dir()} holds a run of other settings than this experiment's now: "
+                              f"remove that folder to train it again, or give the experiment another name") from None
     marker.write_text(fingerprint)
     return run_dir
+
+
+def cell_fingerprint(settings: dict[str, Any]) -> str:
+    """Hash of a result cell's settings (YAML mappings, relative paths as written): the same on every
+    machine and checkout, and different when anything that shapes the cell's runs changes."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _run_settings(base: Path, overrides: dict[str, Any]) -> dict:
+    from training.config import VOLATILE_SCHEDULE, read_config_yaml
+
+    settings = read_config_yaml(base, overrides)
+    schedule = settings.get("schedule")
+    if isinstance(schedule, dict):
+        settings["schedule"] = {k: v for k, v in schedule.items() if k not in VOLATILE_SCHEDULE}
+    return settings
+
+
+def _cell_settings(config: ExperimentConfig, base: Path, entry: MethodEntry, by_label: dict[str, MethodEntry],
+                   fraction: float, seed: int) -> dict:
+    """Every run behind one reported number (teacher, the run, its fine-tune), as YAML settings."""
+    common = {**config.set, "seed": seed, "data.label_fraction": fraction}
+    settings = {"run": _run_settings(base, {**common, **entry.set, "method.name": entry.method})}
+    if entry.teacher is not None:
+        teacher = by_label[entry.teacher]
+        settings["teacher"] = _run_settings(base, {**common, **teacher.set, "method.name": teacher.method})
+    if entry.then:
+        settings["then"] = _run_settings(base, {**common, **entry.then_set, "method.name": entry.then})
+    return settings
 
 
 def run_experiment(path: str | Path, progress: bool = True, fractions: list[float] | None = None,
@@ -117,6 +156,7 @@ def run_experiment(path: str | Path, progress: bool = True, fractions: list[floa
     """Run the sweep (or the part named by ``fractions`` / ``methods``: same run names, so the full
     sweep later reuses those runs)."""
     config, base_dir = load_experiment(path)
+    full = config.model_copy(deep=True)  # before --fractions / --methods narrow it: earlier rows' cells
     by_label = {e.label: e for e in config.entries()}
     for entry in by_label.values():
         if entry.teacher is not None and (entry.teacher not in by_label or entry.teacher == entry.label):
@@ -149,7 +189,6 @@ def run_experiment(path: str | Path, progress: bool = True, fractions: list[floa
                 name = f"{config.name}-{entry.label}-{_pct(fraction)}-s{seed}"
                 print(f"medcl: experiment {config.name}: run {done}/{total}: {name}", flush=True)
                 common = {**config.set, "seed": seed, "data.label_fraction": fraction, "output_dir": str(out_dir)}
-                started = time.time()
                 first = {**common, **entry.set, "method.name": entry.method, "name": name}
                 if entry.teacher is not None:
                     teacher = by_label[entry.teacher]
@@ -162,14 +201,51 @@ def run_experiment(path: str | Path, progress: bool = True, fractions: list[floa
                     weights = run_dir / "model.safetensors"
                     run_dir = _train(base, {**common, **entry.then_set, "method.name": entry.then,
                                             "pretrained": str(weights), "name": f"{name}-finetune"}, progress)
-                test = json.loads((run_dir / "metrics.json").read_text())["test"]
+                measured = json.loads((run_dir / "metrics.json").read_text())
+                test = measured["test"]
+                train_seconds = measured.get("train_seconds", 0.0)
+                if entry.then:  # the reported model's cost includes its pretraining
+                    train_seconds += json.loads((weights.parent / "metrics.json").read_text()).get("train_seconds", 0.0)
                 rows.append({"method": entry.label, "label_fraction": fraction, "seed": seed, "run": str(run_dir),
-                             "seconds": round(time.time() - started, 1),
-                             **{m: test[m] for m in config.metrics if m in test}})
+                             "train_seconds": round(train_seconds, 1),
+                             **{m: test[m] for m in config.metrics if m in test},
+                             "fingerprint": cell_fingerprint(_cell_settings(config, base, entry, by_label,
+                                                                            fraction, seed)),
+                             "command": command})
+    cells = {(e.label, f, s): cell_fingerprint(_cell_settings(full, base, e, by_label, f, s))
+             for e in full.entries() for f in full.label_fractions for s in full.seeds}
     report = {"name": config.name, "dataset": config.dataset, "metrics": config.metrics, "rows": rows,
               "note": config.note, "published": [p.model_dump() for p in config.published]}
-    write_outputs(report, results_dir, command=command)
-    merge_summary(results_dir / "summary.json", config.dataset, rows, config.metrics)
+    return finish_sweep(report, results_dir, cells)
+
+
+def finish_sweep(report: dict, results_dir: Path, cells: dict[tuple[str, float, int], str]) -> dict:
+    """Add the earlier rows this call did not replace, then write the JSON, table, plot and summary.
+
+    ``cells`` maps every (method, fraction, seed) of the full config to its fingerprint, in the
+    order the table lists them; an earlier row is kept only while its fingerprint matches its cell's.
+    """
+    previous = results_dir / f"{report['name']}.json"
+    fresh = {(r["method"], r["label_fraction"], r["seed"]) for r in report["rows"]}
+    kept, dropped = [], 0
+    if previous.is_file():
+        for row in json.loads(previous.read_text()).get("rows", []):
+            key = (row.get("method"), row.get("label_fraction"), row.get("seed"))
+            if key in fresh:
+                continue
+            if key in cells and row.get("fingerprint") == cells[key]:
+                kept.append(row)
+            else:
+                dropped += 1
+    if dropped:
+        print(f"medcl: experiment {report['name']}: {dropped} earlier row(s) of {previous} left out: their cell "
+              f"is no longer in the config or its settings changed", flush=True)
+    order = {key: i for i, key in enumerate(cells)}
+    rows = sorted(report["rows"] + kept,
+                  key=lambda r: order.get((r["method"], r["label_fraction"], r["seed"]), len(order)))
+    report = {**report, "rows": rows}
+    write_outputs(report, results_dir)
+    merge_summary(results_dir / "summary.json", report["dataset"], rows, report["metrics"])
     return report
 
 
@@ -181,7 +257,7 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def write_outputs(report: dict, results_dir: Path, command: str) -> None:
+def write_outputs(report: dict, results_dir: Path) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     name, rows, metrics = report["name"], report["rows"], report["metrics"]
     (results_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
@@ -204,7 +280,10 @@ def write_outputs(report: dict, results_dir: Path, command: str) -> None:
             lines.append(f"| {p['label_fraction'] * 100:g}% | {p['method']} | "
                          + " | ".join(f"{p['values'][m]:.3f}" if m in p["values"] else "–" for m in metrics)
                          + f" | {p['source']} |")
-    lines += ["", f"![{metrics[0]} by label fraction]({name}.png)", "", "Produced by:", "", "```", command, "```", ""]
+    commands = list(dict.fromkeys(r["command"] for r in rows if r.get("command")))
+    lines += ["", f"![{metrics[0]} by label fraction]({name}.png)", "", "Produced by (each call adds its rows; a "
+              "call without `--fractions` / `--methods` runs the whole sweep, reusing finished runs):", "", "```",
+              *commands, "```", ""]
     (results_dir / f"{name}.md").write_text("\n".join(lines))
     _plot(rows, methods, fractions, metrics, results_dir / f"{name}.png", name)
 

@@ -243,7 +243,7 @@ def training_subset(n: int, fraction: float, seed: int) -> list[int]:
 
 def run_transfer(path: str | Path, progress: bool = True, fractions: list[float] | None = None,
                  methods: list[str] | None = None) -> dict:
-    from training.experiment import merge_summary, write_outputs
+    from training.experiment import cell_fingerprint, finish_sweep
 
     config, base_dir = load_transfer_config(path)
     arms = [a for a in config.arms if not methods or a.label in methods]
@@ -272,15 +272,15 @@ def run_transfer(path: str | Path, progress: bool = True, fractions: list[float]
                 done += 1
                 name = f"{config.name}-{arm.label}-{fraction * 100:g}pct-s{seed}"
                 print(f"medcl: experiment {config.name}: run {done}/{total}: {name}", flush=True)
-                rows.append(_run_arm(config, arm, fraction, seed, name, base_dir, out_dir, fingerprint,
-                                     train_split, test_split, progress))
-    metrics = ["dice"]
-    report = {"name": config.name, "dataset": config.dataset, "metrics": metrics, "rows": rows,
+                row = _run_arm(config, arm, fraction, seed, name, base_dir, out_dir, fingerprint,
+                               train_split, test_split, progress)
+                rows.append({**row, "fingerprint": cell_fingerprint({"config": fingerprint, "arm": arm.model_dump()}),
+                             "command": command})
+    cells = {(a.label, f, s): cell_fingerprint({"config": fingerprint, "arm": a.model_dump()})
+             for a in config.arms for f in config.label_fractions for s in config.seeds}
+    report = {"name": config.name, "dataset": config.dataset, "metrics": ["dice"], "rows": rows,
               "note": config.note}
-    results_dir = (base_dir / config.results_dir).resolve()
-    write_outputs(report, results_dir, command=command)
-    merge_summary(results_dir / "summary.json", config.dataset, rows, metrics)
-    return report
+    return finish_sweep(report, (base_dir / config.results_dir).resolve(), cells)
 
 
 def _run_arm(config: VesselTransferConfig, arm: TransferArm, fraction: float, seed: int, name: str,
@@ -301,7 +301,7 @@ def _run_arm(config: VesselTransferConfig, arm: TransferArm, fraction: float, se
     losses = train_unet(model, train_split, indices, config, seed, progress, name)
     scores = evaluate_unet(model, test_split, config)
     row = {"method": arm.label, "label_fraction": fraction, "seed": seed, "run": str(run_dir),
-           "seconds": round(time.time() - started, 1), "dice": scores["dice"],
+           "train_seconds": round(time.time() - started, 1), "dice": scores["dice"],
            "training_images": [train_split.names[i] for i in indices], "init": str(init) if init else None,
            "final_loss": round(float(np.mean(losses[-20:])), 4)}
     run_dir.mkdir(parents=True, exist_ok=True)
