@@ -487,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "plots and docs/results/summary.json")
     x_.add_argument("config", type=Path)
     x_.add_argument("--quiet", action="store_true", help="no progress bars")
-    x_.add_argument("--fractions", type=float, nargs="+", help="run only these label fractions of the config")
+    x_.add_argument("--fractions", type=float, nargs="+",
+                    help="run only these label fractions of the config (their rows are added to the existing results)")
     x_.add_argument("--methods", nargs="+", help="run only these methods (labels) of the config")
     x_.set_defaults(func=cmd_experiment)
 
