@@ -202,9 +202,28 @@ def _model_info_metric(package: ModelPackage, name: str) -> None:
     metrics.MODEL_INFO.labels(name, package.card.version, package.provider).set(1)
 
 
+class _SlotEndpoints:
+    """What the API asks of every model service, whatever its task: BentoML collects inherited
+    ``@bentoml.api`` methods (it walks ``dir()`` of the class), so both services share these."""
+
+    slots: _Slots
+
+    @bentoml.api
+    def provider(self) -> str:
+        return self.slots.get("a" if self.slots.packages["a"] else "b").provider
+
+    @bentoml.api
+    def versions(self) -> dict[str, str | None]:
+        return self.slots.versions()
+
+    @bentoml.api
+    def load(self, slot: str, package_dir: str) -> str:
+        return self.slots.load(slot, package_dir)
+
+
 def classifier_service(name: str, package_dir: Path) -> type:
     @bentoml.service(name=f"medcl-model-{name}", workers=1, traffic={"timeout": 60})
-    class ClassifierModel:
+    class ClassifierModel(_SlotEndpoints):
         """An encoder's onnxruntime sessions; the batchable methods batch requests from all API workers."""
 
         def __init__(self) -> None:
@@ -219,18 +238,6 @@ def classifier_service(name: str, package_dir: Path) -> type:
             metrics.INFERENCE_SECONDS.labels(name, output).observe(time.perf_counter() - start)
             metrics.BATCH_SIZE.labels(name, output).observe(len(batch))
             return result
-
-        @bentoml.api
-        def provider(self) -> str:
-            return self.slots.get("a" if self.slots.packages["a"] else "b").provider
-
-        @bentoml.api
-        def versions(self) -> dict[str, str | None]:
-            return self.slots.versions()
-
-        @bentoml.api
-        def load(self, slot: str, package_dir: str) -> str:
-            return self.slots.load(slot, package_dir)
 
         @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=SHED_AFTER_MS)
         def scores_a(self, batch: np.ndarray) -> np.ndarray:
@@ -253,7 +260,7 @@ def classifier_service(name: str, package_dir: Path) -> type:
 
 def segmenter_service(name: str, package_dir: Path) -> type:
     @bentoml.service(name=f"medcl-model-{name}", workers=1, traffic={"timeout": 120})
-    class SegmenterModel:
+    class SegmenterModel(_SlotEndpoints):
         """A nuclei segmenter's sessions: tiles of any size, cut into overlapping windows and stitched exactly."""
 
         def __init__(self) -> None:
@@ -266,18 +273,6 @@ def segmenter_service(name: str, package_dir: Path) -> type:
             result = sliding_window(image, lambda b: package.run(b, "nuclei"), spec.window, spec.receptive_radius)[0]
             metrics.INFERENCE_SECONDS.labels(name, "nuclei").observe(time.perf_counter() - start)
             return result
-
-        @bentoml.api
-        def provider(self) -> str:
-            return self.slots.get("a" if self.slots.packages["a"] else "b").provider
-
-        @bentoml.api
-        def versions(self) -> dict[str, str | None]:
-            return self.slots.versions()
-
-        @bentoml.api
-        def load(self, slot: str, package_dir: str) -> str:
-            return self.slots.load(slot, package_dir)
 
         @bentoml.api
         def nuclei_a(self, image: np.ndarray) -> np.ndarray:
