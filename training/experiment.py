@@ -156,12 +156,16 @@ def run_experiment(path: str | Path, progress: bool = True, fractions: list[floa
     """Run the sweep (or the part named by ``fractions`` / ``methods``: same run names, so the full
     sweep later reuses those runs)."""
     config, base_dir = load_experiment(path)
-    full = config.model_copy(deep=True)  # before --fractions / --methods narrow it: earlier rows' cells
     by_label = {e.label: e for e in config.entries()}
     for entry in by_label.values():
         if entry.teacher is not None and (entry.teacher not in by_label or entry.teacher == entry.label):
             raise ExperimentError(f"{entry.label}: teacher {entry.teacher!r} must be the label of another entry "
                                   f"({', '.join(by_label)})")
+    base = (base_dir / config.base_config).resolve()
+    # every cell of the full config (before --fractions / --methods narrow it), in table order: this
+    # call's rows and the earlier ones it keeps
+    cells = {(e.label, f, s): cell_fingerprint(_cell_settings(config, base, e, by_label, f, s))
+             for e in config.entries() for f in config.label_fractions for s in config.seeds}
     command = f"medcl experiment {path}"
     if fractions:
         unknown = [f for f in fractions if f not in config.label_fractions]
@@ -176,7 +180,6 @@ def run_experiment(path: str | Path, progress: bool = True, fractions: list[floa
             raise ExperimentError(f"methods {unknown} are not in {path} ({known})")
         config.methods = [e for e in config.entries() if e.label in methods]
         command += " --methods " + " ".join(methods)
-    base = (base_dir / config.base_config).resolve()
     out_dir = (base_dir / config.output_dir).resolve()
     results_dir = (base_dir / config.results_dir).resolve()
     rows = []
@@ -209,11 +212,7 @@ def run_experiment(path: str | Path, progress: bool = True, fractions: list[floa
                 rows.append({"method": entry.label, "label_fraction": fraction, "seed": seed, "run": str(run_dir),
                              "train_seconds": round(train_seconds, 1),
                              **{m: test[m] for m in config.metrics if m in test},
-                             "fingerprint": cell_fingerprint(_cell_settings(config, base, entry, by_label,
-                                                                            fraction, seed)),
-                             "command": command})
-    cells = {(e.label, f, s): cell_fingerprint(_cell_settings(full, base, e, by_label, f, s))
-             for e in full.entries() for f in full.label_fractions for s in full.seeds}
+                             "fingerprint": cells[(entry.label, fraction, seed)], "command": command})
     report = {"name": config.name, "dataset": config.dataset, "metrics": config.metrics, "rows": rows,
               "note": config.note, "published": [p.model_dump() for p in config.published]}
     return finish_sweep(report, results_dir, cells)

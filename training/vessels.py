@@ -265,6 +265,9 @@ def run_transfer(path: str | Path, progress: bool = True, fractions: list[float]
     for arm in arms:  # every arm's weights are there before anything trains
         for seed in config.seeds:
             init_weights(arm, seed, base_dir)
+    # every cell of the full config, in table order: this call's rows and the earlier ones it keeps
+    cells = {(a.label, f, s): cell_fingerprint({"config": fingerprint, "arm": a.model_dump()})
+             for a in config.arms for f in config.label_fractions for s in config.seeds}
     rows, total, done = [], len(arms) * len(chosen) * len(config.seeds), 0
     for arm in arms:
         for fraction in chosen:
@@ -274,10 +277,7 @@ def run_transfer(path: str | Path, progress: bool = True, fractions: list[float]
                 print(f"medcl: experiment {config.name}: run {done}/{total}: {name}", flush=True)
                 row = _run_arm(config, arm, fraction, seed, name, base_dir, out_dir, fingerprint,
                                train_split, test_split, progress)
-                rows.append({**row, "fingerprint": cell_fingerprint({"config": fingerprint, "arm": arm.model_dump()}),
-                             "command": command})
-    cells = {(a.label, f, s): cell_fingerprint({"config": fingerprint, "arm": a.model_dump()})
-             for a in config.arms for f in config.label_fractions for s in config.seeds}
+                rows.append({**row, "fingerprint": cells[(arm.label, fraction, seed)], "command": command})
     report = {"name": config.name, "dataset": config.dataset, "metrics": ["dice"], "rows": rows,
               "note": config.note}
     return finish_sweep(report, (base_dir / config.results_dir).resolve(), cells)
