@@ -77,6 +77,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 TEMPLATE = """# BloodMNIST with few labels: cross-entropy vs S5CL
 
+> The first, one-seed check (the slice issue). The 3-seed sweep at 1/5/10/100% labels, with SupCon,
+> is [bloodmnist-methods.md](bloodmnist-methods.md) (`medcl experiment configs/experiments/bloodmnist-methods.yaml`).
+
 BloodMNIST (official MedMNIST v2 file: 11,959 train / 1,712 val / 3,421 test, 8 classes, 28x28),
 test split. One seed (0). The labelled subset is a seeded stratified draw; S5CL also sees the rest of
 the training images without labels. Both methods: ResNet-18 (small stem, width 32), embedding 64,

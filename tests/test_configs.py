@@ -45,6 +45,15 @@ def test_every_shipped_config_validates_and_finds_its_data(relative: Path) -> No
         assert data.exists(), f"{relative} names {data}, which does not exist"
 
 
+@pytest.mark.parametrize("relative", [c for c in CONFIGS if c.parent.name == "experiments"], ids=str)
+def test_every_sweep_writes_results_under_its_own_file_name(relative: Path) -> None:
+    # a sweep writes docs/results/NAME.{json,md,png}: a config named otherwise sends the reader of
+    # configs/experiments/X.yaml to an older page called X
+    from training.config import top_level_value
+
+    assert top_level_value(REPO_ROOT / relative, "name") == relative.stem
+
+
 def test_npz_images_of_another_size_are_resized_by_the_card(tmp_path: Path) -> None:
     from medcl.card import PreprocessSpec
     from tests.conftest import shared
