@@ -226,9 +226,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from medcl.demo import prepare_demo
-
-    from medcl.demo import fill_demo_index, prepare_demo_segmenter
+    from medcl.demo import fill_demo_index, prepare_demo, prepare_demo_segmenter
 
     package = prepare_demo(force=args.force)
     segmenter = prepare_demo_segmenter(force=args.force)

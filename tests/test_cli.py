@@ -58,14 +58,19 @@ def test_export_command_prints_parity(tiny_run: Path, tmp_path: Path) -> None:
     assert json.loads(out.stdout)["parity"]["max_abs_diff_logits"] <= 1e-4
 
 
-def test_demo_serves_an_existing_package_without_retraining(tiny_package: Path, tmp_path: Path) -> None:
+def test_demo_serves_existing_packages_without_retraining(tiny_package: Path, segmenter_package: Path,
+                                                         tmp_path: Path) -> None:
     import os
     import shutil
 
+    # both demo models in place (the classifier and the nuclei segmenter): nothing may train. With the
+    # segmenter missing this test trained it for minutes, and timed out on a loaded machine.
     home = tmp_path / "home"
     shutil.copytree(tiny_package, home / "packages" / "demo-bloodmnist")
+    shutil.copytree(segmenter_package, home / "packages" / "demo-nuclei")
     out = medcl("demo", "prepare", env=dict(os.environ, MEDCL_HOME=str(home)))
     assert out.returncode == 0, out.stderr
-    assert "demo package ready" in out.stderr and "training the demo model" not in out.stderr
+    assert "demo package ready" in out.stderr and "demo segmenter ready" in out.stderr
+    assert "training the demo" not in out.stderr
     assert (home / "index" / "tiny").is_dir()  # the demo index was filled for /search
     assert json.loads(out.stdout)["package"] == str(home / "packages" / "demo-bloodmnist")
