@@ -28,25 +28,35 @@ def _truth(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path)).astype(np.int64)
 
 
-def evaluate_classical(images: Path, instances: Path) -> tuple[dict, dict[str, np.ndarray]]:
+def evaluate_classical(images: Path, instances: Path,
+                       names: set[str] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     from medcl.segmentation import as_brightfield, classical_instances, segmentation_scores
     from training.nuclei import image_files, read_rgb
 
     per_image, predictions = {}, {}
     for f in image_files(images):
+        if names is not None and f.stem not in names:
+            continue
         pred = classical_instances(as_brightfield(read_rgb(f))[0])
         per_image[f.name] = segmentation_scores(_truth(instances / f.name), pred)
         predictions[f.name] = pred
     return per_image, predictions
 
 
-def evaluate_run(run_dir: Path, images: Path, instances: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
+def evaluate_run(run_dir: Path, images: Path, instances: Path,
+                 names: set[str] | None = None) -> tuple[dict, dict[str, np.ndarray], dict]:
     from training.nuclei import evaluate_segmenter, load_segmenter
 
     network, card = load_segmenter(run_dir)
     predictions: dict[str, np.ndarray] = {}
-    result = evaluate_segmenter(network, card.segmentation, images, instances, predictions=predictions)
-    return result["per_image"], predictions, card.training | {"method": card.method,
+    result = evaluate_segmenter(network, card.segmentation, images, instances, predictions=predictions, names=names)
+    # variants of one method (stain input channel, self-training refinement) are separate rows
+    method = card.method
+    if card.segmentation.inputs != "rgb":
+        method += "+stain_input"
+    if card.training.get("refine_steps"):
+        method += "+refined"
+    return result["per_image"], predictions, card.training | {"method": method,
                                                               "channel_rule": card.segmentation.channel_rule}
 
 
@@ -85,6 +95,8 @@ def overlay_figure(image_path: Path, instances: Path, predictions: dict[str, dic
 # (0.0: no labels at all; 1.0: every training mask)
 METHODS = {"classical": ("classical: colour deconvolution + Otsu + watershed", 0.0),
            "patch_contrast": ("self-supervised patch contrast (no labels)", 0.0),
+           "patch_contrast+stain_input+refined": ("patch contrast, stain input channel, self-training on "
+                                                  "stain-agreement pseudo-labels (no labels)", 0.0),
            "supervised_unet": ("supervised U-Net (MoNuSeg train masks)", 1.0)}
 
 
@@ -102,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                    "one method (seeds) are one row, mean ± std over them")
     p.add_argument("--data", type=Path, default=DATA, help="folder with images/ and instances/")
     p.add_argument("--dataset", default="monuseg", help="its name in the title and in summary.json")
+    p.add_argument("--names", type=Path, default=None, help="score only the images named in this list "
+                   "(stems, one per line), e.g. configs/splits/monuseg-dev.txt with --data .../monuseg/train")
     p.add_argument("--out", type=Path, default=Path("docs/results/monuseg-segmentation"))
     p.add_argument("--summary", type=Path, default=None,
                    help="merge per-seed Dice/AJI/PQ into this summary.json (dataset -> method -> label share)")
@@ -114,13 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     by_method: dict[str, list[dict]] = {}
     predictions: dict[str, dict[str, np.ndarray]] = {}
     start = time.perf_counter()
-    per_image, predictions["classical"] = evaluate_classical(images, instances)
+    from training.nuclei import read_name_list
+
+    names = set(read_name_list(args.names)) if args.names else None
+    per_image, predictions["classical"] = evaluate_classical(images, instances, names)
     raw["runs"]["classical"] = {"per_image": per_image, "seconds_inference": round(time.perf_counter() - start, 1)}
     by_method["classical"] = [{"scores": _image_means(per_image), "seconds": None, "parameters": 0, "rule": "",
                                "steps": "none", "seed": None}]
     for run in args.runs:
         start = time.perf_counter()
-        per_image, preds, training = evaluate_run(run, images, instances)
+        per_image, preds, training = evaluate_run(run, images, instances, names)
         raw["runs"][run.name] = {"per_image": per_image, "training": training,
                                  "seconds_inference": round(time.perf_counter() - start, 1)}
         method = training["method"]
@@ -152,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     rules = [(METHODS.get(m, (m,))[0], r["rule"]) for m, runs in by_method.items() for r in runs[:1]
              if r["rule"] not in ("", "-")]
     lines += ["", *[f"- {label}: nuclei map chosen by {rule} (first seed)." for label, rule in rules]]
-    figure = overlay_figure(sorted(images.glob("*.png"))[0], instances, predictions, args.out.with_suffix(".png"),
+    figure = overlay_figure(images / sorted(next(iter(raw["runs"].values()))["per_image"])[0], instances, predictions, args.out.with_suffix(".png"),
                             args.dataset)
     lines += ["", f"![overlays]({figure.name})"]
     command = "python -m bench.segmentation_quality " + " ".join(map(str, args.runs))
     if args.data != DATA:
         command += f" --data {args.data} --dataset {args.dataset}"
+    if args.names:
+        command += f" --names {args.names}"
     command += f" --out {args.out}" + (f" --summary {args.summary}" if args.summary else "")
     write_results(args.out, raw, lines, command)
     if args.summary:

@@ -31,7 +31,8 @@ class NucleiOutput(nn.Module):
 
 
 def parity_tiles(card: Card, parity_data: str | Path | None, limit: int = 4) -> tuple[list[np.ndarray], str]:
-    """Real H&E images, (3, H, W) float in [0, 1] crops at each parity size."""
+    """Real H&E images, crops at each parity size as the network reads them (``network_input``)."""
+    from medcl.segmentation import network_input
     from training.nuclei import image_files, read_rgb
 
     root = Path(parity_data) if parity_data is not None else Path(card.data.path)
@@ -42,7 +43,7 @@ def parity_tiles(card: Card, parity_data: str | Path | None, limit: int = 4) -> 
         rgb = read_rgb(f)
         for h, w in PARITY_SIZES:
             crop = np.pad(rgb, ((0, max(0, h - rgb.shape[0])), (0, max(0, w - rgb.shape[1])), (0, 0)), mode="reflect")
-            tiles.append(np.ascontiguousarray(crop[:h, :w].transpose(2, 0, 1), dtype=np.float32) / 255.0)
+            tiles.append(network_input(np.ascontiguousarray(crop[:h, :w]), card.segmentation.inputs))
     return tiles, str(root)
 
 

@@ -117,6 +117,9 @@ class SegmentationSpec(BaseModel):
     min_area: int = Field(default=30, ge=0)
     min_distance: int = Field(default=6, ge=0)
     pixel_size_um: float | None = Field(default=None, gt=0.0)  # of the training images
+    # what the network reads (medcl.segmentation.network_input): RGB, or RGB plus a per-tile
+    # normalised haematoxylin density
+    inputs: Literal["rgb", "rgb+haematoxylin"] = "rgb"
 
     @model_validator(mode="after")
     def _channel_exists(self) -> "SegmentationSpec":

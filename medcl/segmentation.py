@@ -80,6 +80,38 @@ def haematoxylin(rgb: np.ndarray) -> np.ndarray:
     return rgb2hed(rgb).astype(np.float32)[..., 0]
 
 
+INPUTS = ("rgb", "rgb+haematoxylin")
+
+
+def network_input(rgb: np.ndarray, inputs: str = "rgb") -> np.ndarray:
+    """The (C, H, W) float32 tensor a segmenter's card asks for, from a whole uint8 RGB tile.
+
+    "rgb": the pixels in [0, 1]. "rgb+haematoxylin" adds the tile's haematoxylin density divided by
+    twice its own Otsu threshold (clipped to [0, 1]; 0.5 = at the threshold): a stain channel that is
+    normalised per tile, so a pale and a dark staining of the same tissue look alike to the network.
+    Computed once per tile, before any windowing, so that stitched windows still equal the whole."""
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {', '.join(INPUTS)}, not {inputs!r}")
+    chw = np.ascontiguousarray(rgb[..., :3].transpose(2, 0, 1), dtype=np.float32) / 255.0
+    if inputs == "rgb":
+        return chw
+    density = haematoxylin(rgb)
+    cut = _otsu_or_max(density)
+    stain = np.clip(density / (2.0 * cut), 0.0, 1.0) if cut > 0 else np.zeros_like(density)
+    return np.concatenate([chw, stain[None].astype(np.float32)])
+
+
+def network_input_channels(inputs: str) -> tuple[str, ...]:
+    """The channels ``network_input`` gives for a card's ``inputs``."""
+    return ("r", "g", "b") if inputs == "rgb" else ("r", "g", "b", "haematoxylin")
+
+
+def _otsu_or_max(values: np.ndarray) -> float:
+    from skimage.filters import threshold_otsu
+
+    return float(threshold_otsu(values)) if float(values.max()) > float(values.min()) else float(values.max())
+
+
 def otsu_foreground(values: np.ndarray) -> np.ndarray:
     from skimage.filters import threshold_otsu
 

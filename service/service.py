@@ -39,9 +39,8 @@ from medcl.index.schema import (CaseIndexError, CaseMetadata, DuplicateId, Searc
 from medcl.index.sources import store_source
 from medcl.preprocess import (DEFAULT_MAX_PIXELS, SERVICE_FORMATS, ImageDecodeError, ImageTooLargeError, decode_image,
                               normalise, to_model_pixels, to_rgb)
-from medcl.segmentation import (as_brightfield, describe_instances, geojson, instances_from_probability, label_png,
-                                sliding_window)
-from medcl.segmentation import InstanceRules
+from medcl.segmentation import (InstanceRules, as_brightfield, describe_instances, geojson,
+                                instances_from_probability, label_png, network_input, sliding_window)
 from medcl.auth import KeyStore, auth_disabled
 from service import metrics
 from service.cases import extra_app
@@ -276,7 +275,7 @@ def segmenter_service(name: str, package_dir: Path) -> type:
 
         @bentoml.api
         def nuclei_a(self, image: np.ndarray) -> np.ndarray:
-            """(3, H, W) float32 in [0, 1] -> (H, W) nuclei probability."""
+            """(C, H, W) float32 (``network_input`` of the card) -> (H, W) nuclei probability."""
             return self._nuclei("a", image)
 
         @bentoml.api
@@ -628,7 +627,7 @@ class Medcl:
                 raise PayloadTooLarge(f"at the model's {model_um} µm/px the tile would be {size[0]}x{size[1]} px; "
                                       f"the limit is {MAX_SEGMENT_PIXELS} pixels")
             work = image.resize(size, Image.Resampling.BICUBIC)
-        chw = np.ascontiguousarray(np.asarray(work, dtype=np.float32).transpose(2, 0, 1)) / 255.0
+        chw = network_input(np.asarray(work), active.card.segmentation.inputs)
         probability = self._call_model(active, "nuclei", chw, "segment")
         if work is not image:
             probability = np.asarray(Image.fromarray(probability.astype(np.float32), mode="F").resize(

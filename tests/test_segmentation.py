@@ -402,3 +402,54 @@ def test_contours_are_simplified_within_tolerance_and_stay_valid() -> None:
     assert sum(map(len, simplified)) < sum(map(len, raw))  # it does simplify
     tiny = [np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])]
     assert simplify_rings(tiny, 0.75)[0] is tiny[0]  # too short for a polygon: returned as it was
+
+
+# --- development split, stain input, self-training -------------------------------------------------
+
+def test_development_images_never_train() -> None:
+    from training.nuclei import SegmenterData, read_name_list, training_images
+
+    dev = set(read_name_list(REPO_ROOT / "configs" / "splits" / "monuseg-dev.txt"))
+    assert len(dev) == 6
+    data = SegmenterData(name="t", images=str(shared("monuseg", "train", "images")),
+                         exclude=str(REPO_ROOT / "configs" / "splits" / "monuseg-dev.txt"))
+    files, images = training_images(data)
+    assert len(files) == 24 and not dev & {f.stem for f in files}
+    assert dev <= {f.stem for f in shared("monuseg", "train", "images").glob("*.png")}
+
+
+def test_stain_input_channel_is_normalised_per_tile() -> None:
+    from medcl.segmentation import haematoxylin, network_input
+
+    rgb = np.asarray(Image.open(HE_TILES / sorted(p.name for p in HE_TILES.glob("*.png"))[0]).convert("RGB"))
+    plain, with_stain = network_input(rgb, "rgb"), network_input(rgb, "rgb+haematoxylin")
+    assert plain.shape == (3, *rgb.shape[:2]) and with_stain.shape == (4, *rgb.shape[:2])
+    assert np.array_equal(with_stain[:3], plain)
+    stain = with_stain[3]
+    assert 0.0 <= stain.min() and stain.max() <= 1.0
+    # a paler copy of the same tile (half the optical density) gives nearly the same stain channel
+    density = haematoxylin(rgb)
+    pale = (255 * np.exp(0.5 * np.log(np.clip(rgb / 255.0, 1 / 255, 1)))).astype(np.uint8)
+    assert np.corrcoef(network_input(pale, "rgb+haematoxylin")[3].ravel(), stain.ravel())[0, 1] > 0.9
+    assert stain[density > np.percentile(density, 99)].mean() > 0.5
+    with pytest.raises(ValueError, match="inputs must be one of"):
+        network_input(rgb, "rgb+eosin")
+
+
+def test_stain_input_network_refines_and_exports(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from export.segmenter_export import export_segmenter
+    from training.nuclei import SegmenterConfig, load_segmenter, train_segmenter
+
+    config = SegmenterConfig.model_validate({
+        "name": "stain-refined", "inputs": "rgb+haematoxylin", "output_dir": str(tmp_path),
+        "data": {"name": "demo-tiles", "images": str(HE_TILES), "scale": 2.0, "pixel_size_um": 0.25},
+        "schedule": {"steps": 4, "batch": 2, "crop": 96, "eval_every": 2, "min_steps": 0},
+        "refine": {"steps": 3}})
+    run = train_segmenter(config, progress=False)
+    network, card = load_segmenter(run)
+    assert card.segmentation.inputs == "rgb+haematoxylin" and card.training["refine_steps"] == 3
+    assert network.stem[0].in_channels == 4
+    assert len(__import__("json").loads((run / "refine_history.json").read_text())) == 3
+    package = export_segmenter(run, tmp_path / "package", parity_data=HE_TILES)
+    assert (package / "model.onnx").is_file()

@@ -41,7 +41,8 @@ from medcl.card import ArchitectureSpec, Card, DataSpec, PreprocessSpec, Segment
 from medcl.errors import MedclError
 from medcl.preprocess import IMAGE_SUFFIXES
 from medcl.segmentation import (InstanceRules, as_brightfield, dice, haematoxylin, instances_from_probability,
-                                otsu_foreground, probability_foreground, segmentation_scores)
+                                network_input, network_input_channels, otsu_foreground, probability_foreground,
+                                segmentation_scores)
 from training.checkpoint import save_weights
 
 DILATIONS = (1, 2, 3, 5, 10, 20)
@@ -65,12 +66,14 @@ class ResidualDilatedBlock(nn.Module):
 class ConfidenceNetwork(nn.Module):
     """Conv3x3 3->8 + BN + ELU, six residual blocks of two dilated 3x3 convs, Conv1x1 8->K, sigmoid.
 
-    Input: RGB in [0, 1], (N, 3, H, W); output: K confidence maps (N, K, H, W), any H and W.
+    Input: RGB in [0, 1] (plus the stain channel of ``network_input`` when in_channels is 4),
+    (N, C, H, W); output: K confidence maps (N, K, H, W), any H and W.
     """
 
-    def __init__(self, maps: int = 2, channels: int = 8, dilations: tuple[int, ...] = DILATIONS) -> None:
+    def __init__(self, maps: int = 2, channels: int = 8, dilations: tuple[int, ...] = DILATIONS,
+                 in_channels: int = 3) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ELU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ELU())
         self.blocks = nn.Sequential(*[ResidualDilatedBlock(channels, d) for d in dilations])
         self.head = nn.Conv2d(channels, maps, 1)
         self.receptive_radius = 1 + 2 * sum(dilations)
@@ -158,7 +161,7 @@ def crop_patches(images: torch.Tensor, confidence: torch.Tensor, corners: torch.
     out = []
     for i in range(n):
         for c in range(k):
-            masked = images[i] * confidence[i, c:c + 1]
+            masked = images[i, :3] * confidence[i, c:c + 1]  # the image's RGB, never the stain channel
             for y, x in corners[i, c].tolist():
                 out.append(masked[:, y:y + size, x:x + size])
     return torch.stack(out).reshape(n, k, p, 3, size, size)
@@ -210,6 +213,16 @@ def separation(features: torch.Tensor, positive: torch.Tensor) -> float:
 
 # --- configuration ------------------------------------------------------------------------------
 
+class ImageSource(BaseModel):
+    """One more folder of unlabelled training images, at its own scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: str
+    scale: float = Field(default=1.0, gt=0.0)
+    limit: int | None = Field(default=None, ge=1)  # at most this many images, spread evenly over the sorted list
+
+
 class SegmenterData(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -217,6 +230,10 @@ class SegmenterData(BaseModel):
     images: str  # a folder of H&E images (PNG/JPEG/TIFF), searched recursively
     masks: str | None = None  # binary nuclei masks with the same file names (supervised U-Net only)
     scale: float = Field(default=1.0, gt=0.0)  # resize factor applied on load (e.g. 2.0: 20x tiles -> 40x)
+    # A text file of image names (stems, one per line, '#' comments) never used for training: the
+    # development images on which every rule is chosen (configs/splits/monuseg-dev.txt).
+    exclude: str | None = None
+    more: list[ImageSource] = Field(default_factory=list)  # other unlabelled folders (patch contrast only)
     pixel_size_um: float | None = Field(default=None, gt=0.0)  # after scaling
     eval_images: str | None = None  # held-out images + instance masks for the report only
     eval_instances: str | None = None
@@ -242,6 +259,22 @@ class PatchConfig(BaseModel):
     per_image: int = Field(default=10, ge=2)
 
 
+class RefineConfig(BaseModel):
+    """Label-free self-training after patch contrast (``steps: 0`` skips it).
+
+    Pseudo-labels come from two independent label-free sources that must agree: a pixel is nucleus
+    where the patch-contrast nuclei map is above its cut (Otsu, never below 0.5) AND the smoothed
+    haematoxylin density is above its Otsu threshold; background where both say no; ignored where
+    they disagree. The same network is then trained on them with a weighted binary cross-entropy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=0, ge=0)
+    lr: float = Field(default=1e-3, gt=0.0)
+    stain_sigma: float = Field(default=2.0, ge=0.0)  # Gaussian smoothing of the haematoxylin density, px
+    rounds: int = Field(default=1, ge=1)  # pseudo-labels re-made from the refined map after each round
+
+
 class SegmenterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -250,11 +283,13 @@ class SegmenterConfig(BaseModel):
     method: Literal["patch_contrast", "supervised_unet"] = "patch_contrast"
     seed: int = 0
     maps: int = Field(default=2, ge=2)
+    inputs: Literal["rgb", "rgb+haematoxylin"] = "rgb"  # medcl.segmentation.network_input
     data: SegmenterData
     patch: PatchConfig = PatchConfig()
     lr: float = Field(default=2e-4, gt=0.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)
     schedule: SegmenterSchedule
+    refine: RefineConfig = RefineConfig()
     rules: dict = Field(default_factory=dict)  # InstanceRules overrides
     output_dir: str = "runs"
 
@@ -276,9 +311,12 @@ def load_segmenter_config(path: str | Path, overrides: dict | None = None) -> Se
     raw = read_config_yaml(path, overrides)
     base = Path(path).parent
     data = raw.get("data")
-    for key in ("images", "masks", "eval_images", "eval_instances"):
+    for key in ("images", "masks", "eval_images", "eval_instances", "exclude"):
         if isinstance(data, dict) and data.get(key):
             data[key] = str(resolve_path(base, data[key]))
+    for source in (data.get("more") or []) if isinstance(data, dict) else []:
+        if isinstance(source, dict) and source.get("images"):
+            source["images"] = str(resolve_path(base, source["images"]))
     raw["output_dir"] = str(resolve_path(base, raw.get("output_dir", "runs")))
     return validate_config(SegmenterConfig, raw, path)
 
@@ -293,6 +331,32 @@ def image_files(folder: str | Path) -> list[Path]:
     if not files:
         raise SegmenterError(f"no PNG/JPEG/TIFF images under {root}")
     return files
+
+
+def read_name_list(path: str | Path) -> list[str]:
+    """Image names (stems), one per line; blank lines and '#' comments ignored."""
+    file = Path(path)
+    if not file.is_file():
+        raise SegmenterError(f"no image list at {file}")
+    names = [line.split("#", 1)[0].strip() for line in file.read_text().splitlines()]
+    return [n for n in names if n]
+
+
+def training_images(data: SegmenterData) -> tuple[list[Path], list[np.ndarray]]:
+    """The training images of a config: its folder less the excluded names, then every further source,
+    each resized by its own scale."""
+    excluded = set(read_name_list(data.exclude)) if data.exclude else set()
+    files = [f for f in image_files(data.images) if f.stem not in excluded]
+    if not files:
+        raise SegmenterError(f"every image under {data.images} is excluded by {data.exclude}")
+    images = [read_rgb(f, data.scale) for f in files]
+    for source in data.more:
+        found = image_files(source.images)
+        if source.limit and len(found) > source.limit:
+            found = [found[int(i)] for i in np.linspace(0, len(found) - 1, source.limit)]
+        files += found
+        images += [read_rgb(f, source.scale) for f in found]
+    return files, images
 
 
 def read_rgb(path: Path, scale: float = 1.0) -> np.ndarray:
@@ -322,7 +386,8 @@ def read_mask(path: Path, scale: float = 1.0, size: tuple[int, int] | None = Non
 
 def random_crops(images: list[np.ndarray], masks: list[np.ndarray] | None, batch: int, crop: int,
                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Random crops with flips and 90° turns; images smaller than the crop are reflect-padded."""
+    """Random crops with flips and 90° turns; images smaller than the crop are reflect-padded.
+    ``images``: uint8 RGB (scaled to [0, 1]) or float (H, W, C) network inputs (taken as they are)."""
     xs, ms = [], []
     for _ in range(batch):
         i = int(rng.integers(len(images)))
@@ -343,14 +408,15 @@ def random_crops(images: list[np.ndarray], masks: list[np.ndarray] | None, batch
         xs.append(np.ascontiguousarray(patch))
         if m is not None:
             ms.append(np.ascontiguousarray(m))
-    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float()
+    x = x / 255.0 if xs[0].dtype == np.uint8 else x  # float arrays are network inputs already
     return x, (torch.from_numpy(np.stack(ms))[:, None] if ms else None)
 
 
 # --- training -----------------------------------------------------------------------------------
 
 def choose_nuclei_channel(network: ConfidenceNetwork, images: list[np.ndarray], rules: InstanceRules,
-                          limit: int = 16, crop: int = 512) -> tuple[int, list[float]]:
+                          limit: int = 16, crop: int = 512, inputs: str = "rgb") -> tuple[int, list[float]]:
     """The map that agrees best with the stain: per image, Dice between the map's region (under the
     card's threshold rule, as the service will cut it) and the haematoxylin-rich region
     (Otsu on the colour-deconvolution haematoxylin density), averaged over up to ``limit`` images
@@ -372,7 +438,7 @@ def choose_nuclei_channel(network: ConfidenceNetwork, images: list[np.ndarray], 
             img = images[i]
             y0, x0 = max(0, (img.shape[0] - crop) // 2), max(0, (img.shape[1] - crop) // 2)
             img = np.ascontiguousarray(img[y0:y0 + crop, x0:x0 + crop])
-            maps = network(torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255.0)[0].numpy()
+            maps = network(torch.from_numpy(network_input(img, inputs))[None])[0].numpy()
             stain = otsu_foreground(haematoxylin(img))
             for c in range(len(sums)):
                 sums[c] += dice(probability_foreground(maps[c], rules), stain)
@@ -405,6 +471,65 @@ def _probe_measures(network: ConfidenceNetwork, features: PatchFeatures, probe: 
     return (math.inf if loss is None else loss.item()), value
 
 
+def stain_foreground(rgb: np.ndarray, sigma: float) -> np.ndarray:
+    """Otsu on the (smoothed) haematoxylin density: the classical method's nuclei region."""
+    from scipy import ndimage as ndi
+
+    density = haematoxylin(rgb)
+    return otsu_foreground(ndi.gaussian_filter(density, sigma) if sigma else density)
+
+
+def pseudo_labels(network: ConfidenceNetwork, spec: SegmentationSpec, images: list[np.ndarray],
+                  stain_sigma: float) -> list[np.ndarray]:
+    """Per image: 1 where the nuclei map and the stain agree on nucleus, 0 where they agree on
+    background, 0.5 (ignored) where they disagree."""
+    rules = InstanceRules.of(spec)
+    out = []
+    network.eval()
+    for rgb in images:
+        marked = probability_foreground(nuclei_probability(network, spec, rgb), rules)
+        stain = stain_foreground(rgb, stain_sigma)
+        target = np.full(rgb.shape[:2], 0.5, np.float32)
+        target[marked & stain] = 1.0
+        target[~marked & ~stain] = 0.0
+        out.append(target)
+    return out
+
+
+def refine_segmenter(network: ConfidenceNetwork, spec: SegmentationSpec, images: list[np.ndarray],
+                     net_inputs: list[np.ndarray], config: SegmenterConfig, progress: bool = True) -> list[dict]:
+    """Self-training on agreement pseudo-labels (``RefineConfig``); returns the loss history.
+    The chosen nuclei map learns the pseudo-labels, the other map their complement."""
+    refine = config.refine
+    rng = np.random.default_rng(config.seed + 3000)
+    optimizer = torch.optim.Adam(network.parameters(), lr=refine.lr, weight_decay=config.weight_decay)
+    history = []
+    c = spec.nuclei_channel
+    for round_ in range(refine.rounds):
+        targets = pseudo_labels(network, spec, images, refine.stain_sigma)
+        network.train()
+        bar = tqdm(range(1, refine.steps + 1), desc=f"refine {config.name} ({round_ + 1}/{refine.rounds})",
+                   disable=not progress)
+        for step in bar:
+            x, y = random_crops(net_inputs, targets, config.schedule.batch, config.schedule.crop, rng)
+            weight = (y != 0.5).float()
+            if weight.sum() == 0:
+                continue
+            maps = network(x)
+            target = torch.cat([1 - y, 1 - y], 1) if maps.shape[1] == 2 else (1 - y).repeat(1, maps.shape[1], 1, 1)
+            target[:, c:c + 1] = y
+            loss = (F.binary_cross_entropy(maps, target.round(), reduction="none") * weight).sum() \
+                / (weight.sum() * maps.shape[1])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            history.append({"round": round_ + 1, "step": step, "loss": loss.item(),
+                            "labelled_share": float(weight.mean())})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    network.eval()
+    return history
+
+
 def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
     """Train, choose the checkpoint (label-free for patch contrast), evaluate, and write the run."""
     torch.manual_seed(config.seed)
@@ -412,33 +537,37 @@ def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
         torch.set_num_threads(config.schedule.threads)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    files = image_files(config.data.images)
-    images = [read_rgb(f, config.data.scale) for f in files]
+    files, images = training_images(config.data)
+    # what the network reads; ``images`` stay RGB for the stain-based choices
+    net_inputs = images if config.inputs == "rgb" else [
+        np.ascontiguousarray(network_input(img, config.inputs).transpose(1, 2, 0)) for img in images]
     masks = None
     if config.method == "supervised_unet":
         if not config.data.masks:
             raise SegmenterError("the supervised U-Net needs data.masks (binary nuclei masks, same file names)")
+        if config.data.more:
+            raise SegmenterError("the supervised U-Net trains on data.images with data.masks only, not data.more")
         masks = [read_mask(Path(config.data.masks) / f.name, config.data.scale, img.shape[:2])
                  for f, img in zip(files, images)]
     run_dir = Path(config.output_dir) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
 
     if config.method == "patch_contrast":
-        network: nn.Module = ConfidenceNetwork(config.maps)
+        network: nn.Module = ConfidenceNetwork(config.maps, in_channels=len(network_input_channels(config.inputs)))
         features: nn.Module | None = PatchFeatures()
         params = list(network.parameters()) + list(features.parameters())
     else:
         network, features = SmallUNet(), None
         params = list(network.parameters())
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    probe = _probe_set(images, config)
+    probe = _probe_set(net_inputs, config)
     history: list[dict] = []
     best = {"score": -math.inf, "step": 0, "state": None}
     stale = 0
     started = time.perf_counter()
     bar = tqdm(range(1, config.schedule.steps + 1), desc=f"train {config.name}", disable=not progress)
     for step in bar:
-        x, y = random_crops(images, masks, config.schedule.batch, config.schedule.crop, rng)
+        x, y = random_crops(net_inputs, masks, config.schedule.batch, config.schedule.crop, rng)
         if features is not None:
             maps = network(x)
             corners, positive = sample_windows(maps, config.patch.size, config.patch.stride, config.patch.per_image,
@@ -481,6 +610,7 @@ def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
                 break
         history.append(record)
     seconds = time.perf_counter() - started
+    steps_run = history[-1]["step"] if history else 0
     network.load_state_dict(best["state"])
     network.eval()
 
@@ -489,11 +619,17 @@ def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
         # 0.5) scored Dice 0.64 vs 0.45 at a fixed 0.5 in a development run (MoNuSeg test, 300 steps).
         spec = SegmentationSpec(maps=config.maps, nuclei_channel=0, channel_rule="(chosen below)",
                                 receptive_radius=network.receptive_radius, pixel_size_um=config.data.pixel_size_um,
-                                **{"threshold_rule": "otsu", **config.rules})
-        channel, agreement = choose_nuclei_channel(network, images, InstanceRules.of(spec))
+                                inputs=config.inputs, **{"threshold_rule": "otsu", **config.rules})
+        channel, agreement = choose_nuclei_channel(network, images, InstanceRules.of(spec), inputs=config.inputs)
         spec = spec.model_copy(update={
             "nuclei_channel": channel,
             "channel_rule": f"best Dice agreement with the haematoxylin-Otsu region {agreement}"})
+        if config.refine.steps:
+            started_refine = time.perf_counter()
+            refine_history = refine_segmenter(network, spec, images, net_inputs, config, progress)
+            history.append({"refine": refine_history[-1] if refine_history else None})
+            (run_dir / "refine_history.json").write_text(json.dumps(refine_history))
+            seconds += time.perf_counter() - started_refine
         n_params = parameter_count(network, features)
         backbone = "confidence-net"
     else:
@@ -508,7 +644,8 @@ def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
                 preprocess=PreprocessSpec(input_size=spec.window, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
                 data=DataSpec(name=config.data.name, kind="folder", path=config.data.images, n_unlabelled=len(files)),
                 segmentation=spec,
-                training={"steps_run": history[-1]["step"], "chosen_step": best["step"], "seconds": round(seconds, 1),
+                training={"steps_run": steps_run, "refine_steps": config.refine.steps * config.refine.rounds,
+                          "chosen_step": best["step"], "seconds": round(seconds, 1),
                           "parameters": n_params, "probe_loss": round(-best["score"], 5) if features is not None else None,
                           "crop": config.schedule.crop, "batch": config.schedule.batch, "seed": config.seed})
     metrics = {}
@@ -531,16 +668,20 @@ def nuclei_probability(network: nn.Module, spec: SegmentationSpec, rgb: np.ndarr
         with torch.no_grad():
             return network(torch.from_numpy(batch)).numpy()
 
-    chw = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255.0
+    chw = network_input(rgb, spec.inputs)
     return sliding_window(chw, run, spec.window, spec.receptive_radius)[spec.nuclei_channel]
 
 
 def evaluate_segmenter(network: nn.Module, spec: SegmentationSpec, images: str | Path, instances: str | Path,
-                       scale: float = 1.0, predictions: dict[str, np.ndarray] | None = None) -> dict:
+                       scale: float = 1.0, predictions: dict[str, np.ndarray] | None = None,
+                       names: set[str] | None = None) -> dict:
     """Dice / AJI / PQ per held-out image and their means (labels used here only); the predicted
-    label images go into ``predictions`` (by file name) when a dict is given."""
+    label images go into ``predictions`` (by file name) when a dict is given; ``names`` (stems)
+    restricts the images, e.g. to the development list."""
     per_image = {}
     for f in tqdm(image_files(images), desc="evaluate", leave=False):
+        if names is not None and f.stem not in names:
+            continue
         truth_path = Path(instances) / f.name
         if not truth_path.is_file():
             continue
@@ -564,7 +705,8 @@ def build_segmenter(card: Card) -> nn.Module:
         raise SegmenterError(f"{card.name} is not a segmenter (its card has task {card.task!r})")
     backbone = card.architecture.backbone
     if backbone == "confidence-net":
-        return ConfidenceNetwork(card.segmentation.maps)
+        return ConfidenceNetwork(card.segmentation.maps,
+                                 in_channels=len(network_input_channels(card.segmentation.inputs)))
     if backbone == "unet-small":
         return SmallUNet()
     raise SegmenterError(f"unknown segmenter architecture {backbone!r}")
