@@ -3,10 +3,10 @@ three stages, against the network's FLOP floor; then /segment end to end over HT
 
 Stages, each the very function the service runs:
 - decode: the PNG bytes to RGB (``decode_image`` with the service's formats, ``to_rgb``) and to the
-  (3, H, W) float tensor;
+  network's (C, H, W) float input (``network_input``: RGB, plus the stain channel where the card asks);
 - inference: the sliding window of onnxruntime calls (``sliding_window``, the card's window and margin);
-- post-processing: threshold, watershed instances, per-nucleus description (``instances_from_probability``,
-  ``describe_instances``).
+- post-processing: the label-free check against the stain and the choice of answer, threshold, watershed
+  instances, per-nucleus description (``answer_tile``, ``describe_instances``).
 The floor is the network's FLOP count on the whole tile at once (torch's counter) divided by the
 machine's GEMM peak; the windows overlap, so inference does somewhat more work than that.
 """
@@ -24,7 +24,8 @@ from bench.machine import model_gflops
 
 def stage_timings(package_dir: Path, tiles: list[Path]) -> dict:
     from medcl.preprocess import SERVICE_FORMATS, decode_image, to_rgb
-    from medcl.segmentation import InstanceRules, describe_instances, instances_from_probability, sliding_window
+    from medcl.nuclei_check import answer_tile
+    from medcl.segmentation import InstanceRules, describe_instances, network_input, sliding_window
     from service.package import ModelPackage
 
     package = ModelPackage(package_dir)
@@ -36,12 +37,14 @@ def stage_timings(package_dir: Path, tiles: list[Path]) -> dict:
         data = path.read_bytes()
         t0 = time.perf_counter()
         image = to_rgb(decode_image(data, 4096 * 4096, SERVICE_FORMATS))
-        chw = np.ascontiguousarray(np.asarray(image, dtype=np.float32).transpose(2, 0, 1)) / 255.0
+        rgb = np.asarray(image)
+        chw = network_input(rgb, spec.inputs)
         t1 = time.perf_counter()
         probability = sliding_window(chw, lambda b: package.run(b, "nuclei"), spec.window, spec.receptive_radius)
-        probability = probability[0]
+        probability = probability[0]  # the package's "nuclei" output is the chosen map alone
         t2 = time.perf_counter()
-        found = describe_instances(instances_from_probability(probability, rules), None)
+        answer = answer_tile(probability, rgb, rules, spec.serve)
+        found = describe_instances(answer.labels, None, probability=answer.confidence)
         t3 = time.perf_counter()
         if n == 0:
             continue  # warm-up: session start, first allocations

@@ -120,6 +120,10 @@ class SegmentationSpec(BaseModel):
     # what the network reads (medcl.segmentation.network_input): RGB, or RGB plus a per-tile
     # normalised haematoxylin density
     inputs: Literal["rgb", "rgb+haematoxylin"] = "rgb"
+    # which answer /segment gives (medcl.nuclei_check.answer_tile): the network's map where it passes a
+    # label-free check against the tile's stain, else the classical method's; "classical" when the
+    # segmenter failed its own check at build time; "network" unchecked
+    serve: Literal["network", "network-or-classical", "classical"] = "network-or-classical"
 
     @model_validator(mode="after")
     def _channel_exists(self) -> "SegmentationSpec":

@@ -63,14 +63,41 @@ def prepare_demo_segmenter(force: bool = False) -> Path:
     if not DEMO_HE_TILES.is_dir():
         raise FileNotFoundError(f"demo H&E tiles missing at {DEMO_HE_TILES}; the repository is incomplete")
     from export.onnx_export import export_onnx
-    from training.nuclei import load_segmenter_config, train_segmenter
+    from training.nuclei import load_segmenter_config
 
     config = load_segmenter_config(DEMO_NUCLEI_CONFIG, {"output_dir": str(medcl_home() / "runs")})
     print(f"medcl: first run: training the demo nuclei segmenter (self-supervised, at most "
           f"{config.schedule.steps} steps) on {len(list(DEMO_HE_TILES.glob('*.png')))} CC BY H&E tiles",
           file=sys.stderr, flush=True)
-    run_dir = train_segmenter(config)
+    run_dir = train_checked_segmenter(config)
     return export_onnx(run_dir, package, parity_data=DEMO_HE_TILES)
+
+
+DEMO_SEGMENTER_ATTEMPTS = 3
+
+
+def train_checked_segmenter(config, attempts: int = DEMO_SEGMENTER_ATTEMPTS, progress: bool = True) -> Path:
+    """Train; if the run fails its label-free self-check (its map floods its own training tiles or
+    ignores their stain: training/nuclei.py ``self_check``), train again with the next seed, up to
+    ``attempts`` runs. The first run that passes is served; if none does, the last is, set to answer
+    every tile with the classical method (its card says so), so /segment never serves a broken map."""
+    from medcl.card import Card
+    from training.nuclei import train_segmenter
+
+    run_dir = None
+    for attempt in range(attempts):
+        trial = config.model_copy(update={"seed": config.seed + attempt})
+        run_dir = train_segmenter(trial, progress=progress)
+        training = Card.load(run_dir).training
+        if training.get("self_check_passed", True):
+            return run_dir
+        print(f"medcl: the segmenter trained with seed {trial.seed} failed its self-check (its map passes on "
+              f"{training['self_check_pass_share']:.0%} of its training tiles; median coverage "
+              f"{training['self_check_median_coverage']:.0%}, stain agreement "
+              f"{training['self_check_median_agreement']:.2f})"
+              + ("; training again with the next seed" if attempt + 1 < attempts else
+                 "; serving the classical method's nuclei instead"), file=sys.stderr, flush=True)
+    return run_dir
 
 
 def fill_demo_index(package: Path) -> dict:

@@ -177,15 +177,33 @@ def relabel(labels: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
+def nucleus_uid(model_version: str, centroid: tuple[float, float], area_px: int) -> str:
+    """A nucleus's stable id: the same model version finding the same nucleus (same slide-coordinate
+    centroid to the pixel, same area) gives the same id, in any request and on any machine. 16 hex
+    digits of SHA-256, so ids from different tiles of one slide do not collide in practice."""
+    import hashlib
+
+    key = f"{model_version}|{round(centroid[0])}|{round(centroid[1])}|{area_px}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def describe_instances(labels: np.ndarray, pixel_size_um: float | None = None,
-                       tolerance: float = 0.75) -> list[dict]:
-    """Per nucleus: id, centroid (x, y), area in px (and µm² with a pixel size), bbox [x0, y0, x1, y1)
-    and the outer contour as a closed polygon of (x, y) pixel-corner coordinates, simplified to within
-    ``tolerance`` px (Douglas-Peucker, topology kept, all nuclei in one GEOS call: skimage's per-contour
-    ``approximate_polygon`` took 60% of /segment's post-processing on a 1000x1000 tile)."""
+                       tolerance: float = 0.75, probability: np.ndarray | None = None,
+                       offset: tuple[int, int] = (0, 0), model_version: str = "") -> list[dict]:
+    """Per nucleus: id (1..N in this tile), uid (``nucleus_uid``), centroid (x, y), area in px (and µm²
+    with a pixel size), bbox [x0, y0, x1, y1), the outer contour as a closed polygon of (x, y)
+    pixel-corner coordinates simplified to within ``tolerance`` px (Douglas-Peucker, topology kept, all
+    nuclei in one GEOS call: skimage's per-contour ``approximate_polygon`` took 60% of /segment's
+    post-processing on a 1000x1000 tile) and, given the map that produced the nuclei, ``probability``:
+    the map's mean inside the nucleus. ``offset`` (x, y) is added to every coordinate: the tile's
+    top-left corner in slide pixels, so that contours land where they belong on the slide."""
+    from scipy import ndimage as ndi
     from skimage.measure import find_contours, regionprops
 
+    dx, dy = offset
     regions = regionprops(labels)
+    means = (ndi.mean(probability, labels, [r.label for r in regions]) if probability is not None and regions
+             else None)
     rings = []
     for region in regions:
         y0, x0, _, _ = region.bbox
@@ -193,17 +211,21 @@ def describe_instances(labels: np.ndarray, pixel_size_um: float | None = None,
         contour = max(find_contours(crop.astype(np.uint8), 0.5), key=len)  # (row, col), closed
         rings.append(np.column_stack([contour[:, 1] - 1 + x0 + 0.5, contour[:, 0] - 1 + y0 + 0.5]))
     out = []
-    for region, ring in zip(regions, simplify_rings(rings, tolerance)):
+    for k, (region, ring) in enumerate(zip(regions, simplify_rings(rings, tolerance))):
         y0, x0, y1, x1 = region.bbox
-        polygon = [[round(float(x), 2), round(float(y), 2)] for x, y in ring]
+        polygon = [[round(float(x) + dx, 2), round(float(y) + dy, 2)] for x, y in ring]
         if polygon[0] != polygon[-1]:
             polygon.append(polygon[0])
-        polygon = _valid_ring(polygon, region.bbox)
+        polygon = _valid_ring(polygon, (y0 + dy, x0 + dx, y1 + dy, x1 + dx))
         cy, cx = region.centroid
-        item = {"id": int(region.label), "centroid": [round(float(cx), 2), round(float(cy), 2)],
-                "area_px": int(region.area), "bbox": [int(x0), int(y0), int(x1), int(y1)], "contour": polygon}
+        centroid = [round(float(cx) + dx, 2), round(float(cy) + dy, 2)]
+        item = {"id": int(region.label), "uid": nucleus_uid(model_version, centroid, int(region.area)),
+                "centroid": centroid, "area_px": int(region.area),
+                "bbox": [int(x0) + dx, int(y0) + dy, int(x1) + dx, int(y1) + dy], "contour": polygon}
         if pixel_size_um is not None:
             item["area_um2"] = round(float(region.area) * pixel_size_um ** 2, 3)
+        if means is not None:
+            item["probability"] = round(float(np.clip(means[k], 0.0, 1.0)), 4)
         out.append(item)
     return out
 
@@ -245,9 +267,9 @@ def geojson(instances: list[dict], model_version: str = "") -> dict:
     features = []
     for item in instances:
         props = {"objectType": "detection", "classification": {"name": "Nucleus"},
-                 "measurements": {"area_px": item["area_px"], **({"area_um2": item["area_um2"]}
-                                                                  if "area_um2" in item else {})},
-                 "medcl_id": item["id"]}
+                 "measurements": {"area_px": item["area_px"],
+                                  **{k: item[k] for k in ("area_um2", "probability") if k in item}},
+                 "medcl_id": item["id"], "medcl_uid": item["uid"]}
         if model_version:
             props["model_version"] = model_version
         features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [item["contour"]]},

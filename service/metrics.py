@@ -21,6 +21,9 @@ REQUEST_SECONDS = Histogram("medcl_request_seconds", "End-to-end latency of API 
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 NUCLEI_PER_TILE = Histogram("medcl_nuclei_per_tile", "Nuclei found per segmented tile", ["model"],
                             buckets=(0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000))
+SEGMENT_ANSWERS = Counter("medcl_segment_answers_total",
+                          "Segmented tiles by the method that produced the answer (network, or the classical "
+                          "fallback where the network's map failed its label-free check)", ["model", "produced_by"])
 MODEL_REQUEST_SECONDS = Histogram("medcl_model_request_seconds",
                                   "Successful API requests per model and endpoint: decode to answer, in the API",
                                   ["model", "endpoint"],

@@ -39,8 +39,9 @@ from medcl.index.schema import (CaseIndexError, CaseMetadata, DuplicateId, Searc
 from medcl.index.sources import store_source
 from medcl.preprocess import (DEFAULT_MAX_PIXELS, SERVICE_FORMATS, ImageDecodeError, ImageTooLargeError, decode_image,
                               normalise, to_model_pixels, to_rgb)
-from medcl.segmentation import (InstanceRules, as_brightfield, describe_instances, geojson,
-                                instances_from_probability, label_png, network_input, sliding_window)
+from medcl.nuclei_check import answer_tile
+from medcl.segmentation import (InstanceRules, as_brightfield, describe_instances, geojson, label_png, network_input,
+                                sliding_window)
 from medcl.auth import KeyStore, auth_disabled
 from service import metrics
 from service.cases import extra_app
@@ -117,12 +118,23 @@ class Embedding(BaseModel):
 
 
 class Nucleus(BaseModel):
-    id: int
-    centroid: list[float] = Field(description="(x, y) in pixels of the tile sent")
+    id: int = Field(description="1..count within this answer")
+    uid: str = Field(description="Stable id: the same model version finding the same nucleus at the same slide "
+                                 "position (centroid to the pixel, with the offsets) and area gives the same uid")
+    centroid: list[float] = Field(description="(x, y) in pixels of the tile sent, plus offset_x / offset_y")
     area_px: int
     area_um2: float | None = Field(None, description="With pixel_size_um")
-    bbox: list[int] = Field(description="[x0, y0, x1, y1), pixels")
-    contour: list[list[float]] = Field(description="Closed outer polygon, (x, y) pixel coordinates")
+    bbox: list[int] = Field(description="[x0, y0, x1, y1), pixels (plus the offsets)")
+    contour: list[list[float]] = Field(description="Closed outer polygon, (x, y) pixel coordinates (plus the offsets)")
+    probability: float = Field(description="Mean confidence of the map inside the nucleus, in [0, 1] (not calibrated): "
+                                           "the network's map, or the normalised stain for classical answers")
+
+
+class TileCheck(BaseModel):
+    coverage: float = Field(description="Share of the tile the network's map marks")
+    stain_coverage: float = Field(description="Share the haematoxylin-Otsu region covers")
+    stain_agreement: float = Field(description="Dice between the two regions")
+    passed: bool
 
 
 class Segmentation(BaseModel):
@@ -134,6 +146,11 @@ class Segmentation(BaseModel):
     pixel_size_um: float | None
     modality: str = Field(description="brightfield, or fluorescence (inverted to dark nuclei on a bright background "
                                       "before the model); detected from the image unless the request named it")
+    produced_by: Literal["network", "classical"] = Field(
+        description="Which method's nuclei these are: the network's, or colour deconvolution + Otsu where the network's "
+                    "map failed the label-free check (see check) or the model is set to serve the classical answer")
+    check: TileCheck | None = Field(None, description="The label-free check of the network's map on this tile")
+    offset: list[int] = Field(description="(offset_x, offset_y) added to every coordinate")
     label_png_base64: str | None = Field(None, description="16-bit label image (0 = background), with return_mask")
     geojson: dict | None = Field(None, description="FeatureCollection QuPath imports, with return_geojson")
     model: str
@@ -582,12 +599,17 @@ class Medcl:
                 pixel_size_um: Annotated[float | None, Field(ge=0.01, le=100)] = None,  # ge: OpenAPI 3.0 has no numeric exclusiveMinimum
                 return_mask: bool = False, return_geojson: bool = False,
                 modality: Literal["auto", "brightfield", "fluorescence"] = "auto",
+                offset_x: Annotated[int, Field(ge=0, le=10_000_000)] = 0,
+                offset_y: Annotated[int, Field(ge=0, le=10_000_000)] = 0,
                 model: str | None = MODEL_FIELD) -> list[Segmentation]:
         """Nuclei instances in each tile: count, centroid, area, bounding box and contour of each nucleus;
         optionally the label image (16-bit PNG) and a GeoJSON FeatureCollection for QuPath. Tiles larger
         than the network's window are processed in overlapping windows and stitched without seams.
         Fluorescence images (bright nuclei on black; ``modality``, detected when "auto") are turned into
-        dark nuclei on a bright background first, as the segmenters learned on H&E."""
+        dark nuclei on a bright background first, as the segmenters learned on H&E. ``offset_x`` /
+        ``offset_y``: the tile's top-left corner on the slide, added to every coordinate returned.
+        Where the network's map fails a label-free check against the tile's stain, the nuclei are the
+        classical method's; ``produced_by`` says which."""
         name, active = self.resolve(model, "segment", ("segment",))
         card = active.card
         started = time.perf_counter()
@@ -598,14 +620,20 @@ class Medcl:
             image = to_rgb(self._decode(i, filename, data, "segment", MAX_SEGMENT_PIXELS))
             rgb, used = as_brightfield(np.asarray(image), modality)
             work = image if used == "brightfield" else PILImage.fromarray(rgb)
-            probability = self._nuclei_map(active, work, spec.pixel_size_um, pixel_size_um)
-            labels = instances_from_probability(probability, rules)
-            nuclei = describe_instances(labels, pixel_size_um)
+            probability = (None if spec.serve == "classical"
+                           else self._nuclei_map(active, work, spec.pixel_size_um, pixel_size_um))
+            answer = answer_tile(probability, rgb, rules, spec.serve)
+            labels = answer.labels
+            nuclei = describe_instances(labels, pixel_size_um, probability=answer.confidence,
+                                        offset=(offset_x, offset_y), model_version=card.version)
             metrics.IMAGES.labels("segment", name).inc()
             metrics.NUCLEI_PER_TILE.labels(name).observe(len(nuclei))
+            metrics.SEGMENT_ANSWERS.labels(name, answer.produced_by).inc()
             out.append(Segmentation(
                 image=filename, width=image.width, height=image.height, count=len(nuclei),
                 nuclei=[Nucleus(**n) for n in nuclei], pixel_size_um=pixel_size_um, modality=used,
+                produced_by=answer.produced_by, check=TileCheck(**answer.check.as_dict()) if answer.check else None,
+                offset=[offset_x, offset_y],
                 label_png_base64=base64.b64encode(label_png(labels)).decode() if return_mask else None,
                 geojson=geojson(nuclei, card.version) if return_geojson else None,
                 model=name, model_version=card.version))

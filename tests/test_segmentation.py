@@ -172,7 +172,9 @@ def test_training_writes_a_card_with_a_label_free_channel_choice(segmenter_run: 
     card = Card.load(segmenter_run)
     assert card.task == "segment" and card.segmentation is not None
     assert card.segmentation.channel_rule.startswith("best Dice agreement with the haematoxylin")
-    assert card.training["parameters"] == 11106
+    # the stain input channel adds 72 weights (8 filters x 3x3) to the first convolution
+    assert card.training["parameters"] == (11106 if card.segmentation.inputs == "rgb" else 11178)
+    assert {"self_check_pass_share", "self_check_passed"} <= card.training.keys()
     history = json.loads((segmenter_run / "history.json").read_text())
     assert any("probe_loss" in h for h in history)
 
@@ -189,8 +191,10 @@ def test_export_is_dynamic_in_size_and_equal_to_torch(segmenter_run: Path, segme
     assert max(v for k, v in card.onnx.parity.items() if k.startswith("max_abs_diff")) <= 1e-4
     # recomputed here, independently, at a size the export never saw
     network, _ = load_segmenter(segmenter_run)
+    from medcl.segmentation import network_input
+
     rgb = _he_image()[:333, :281]
-    x = (np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255.0)[None]
+    x = network_input(rgb, card.segmentation.inputs)[None]
     with torch.no_grad():
         ref = network(torch.from_numpy(x)).numpy()[:, card.segmentation.nuclei_channel:card.segmentation.nuclei_channel + 1]
     got = ort.InferenceSession(str(segmenter_package / "model.onnx"), providers=["CPUExecutionProvider"]).run(
@@ -244,6 +248,36 @@ def test_segment_a_real_tile_larger_than_the_window(two_model_service: str) -> N
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["label_png_base64"]))))
     assert mask.shape == (1000, 1000) and len(np.unique(mask)) - 1 == result["count"]
     assert len(result["geojson"]["features"]) == result["count"]
+    assert result["produced_by"] in ("network", "classical") and result["offset"] == [0, 0]
+    if result["check"] is not None:  # the network's map was checked against the stain
+        assert result["check"]["passed"] == (result["produced_by"] == "network")
+    assert all(0.0 <= n["probability"] <= 1.0 and len(n["uid"]) == 16 for n in result["nuclei"])
+    assert len({n["uid"] for n in result["nuclei"]}) == result["count"]
+    assert (mask > 0).mean() < 0.5  # never a map covering most of the tile
+
+
+def test_offsets_move_nuclei_into_slide_coordinates(two_model_service: str) -> None:
+    tile = sorted(HE_TILES.glob("TUM*.png"))[0]
+    files = [(tile.name, tile.read_bytes(), "image/png")]
+    (plain,) = _post(two_model_service, "/segment", files).json()
+    answer = _post(two_model_service, "/segment", files, offset_x="40000", offset_y="12000", return_geojson="true")
+    assert answer.status_code == 200, answer.text
+    (moved,) = answer.json()
+    assert moved["offset"] == [40000, 12000] and moved["count"] == plain["count"] > 0
+    for a, b in zip(plain["nuclei"], moved["nuclei"]):
+        assert b["centroid"] == pytest.approx([a["centroid"][0] + 40000, a["centroid"][1] + 12000])
+        assert b["bbox"] == [a["bbox"][0] + 40000, a["bbox"][1] + 12000, a["bbox"][2] + 40000, a["bbox"][3] + 12000]
+        assert b["probability"] == a["probability"] and b["uid"] != a["uid"]
+    feature = moved["geojson"]["features"][0]
+    assert feature["properties"]["medcl_uid"] == moved["nuclei"][0]["uid"]
+    assert feature["properties"]["measurements"]["probability"] == moved["nuclei"][0]["probability"]
+    assert min(x for x, _ in feature["geometry"]["coordinates"][0]) >= 40000
+    # the same request again: the same ids
+    assert [n["uid"] for n in _post(two_model_service, "/segment", files, offset_x="40000",
+                                    offset_y="12000").json()[0]["nuclei"]] == [n["uid"] for n in moved["nuclei"]]
+    for bad in ({"offset_x": "-5"}, {"offset_y": "ten"}):
+        refused = _post(two_model_service, "/segment", files, **bad)
+        assert refused.status_code == 400 and "offset" in refused.text, refused.text
 
 
 def test_requests_name_a_model_and_wrong_ones_are_refused(two_model_service: str) -> None:
@@ -453,3 +487,65 @@ def test_stain_input_network_refines_and_exports(tmp_path: Path) -> None:
     assert len(__import__("json").loads((run / "refine_history.json").read_text())) == 3
     package = export_segmenter(run, tmp_path / "package", parity_data=HE_TILES)
     assert (package / "model.onnx").is_file()
+
+
+# --- which answer /segment gives, and what each nucleus carries -----------------------------------
+
+def _monuseg_tile(crop: int = 400) -> np.ndarray:
+    path = sorted(shared("monuseg", "test", "images").glob("*.png"))[0]
+    return np.asarray(Image.open(path).convert("RGB"))[:crop, :crop]
+
+
+def test_a_map_that_floods_the_tile_is_answered_by_the_classical_method() -> None:
+    from medcl.nuclei_check import MAX_COVERAGE, answer_tile, stain_density
+
+    rgb = _monuseg_tile()
+    rules = InstanceRules(threshold_rule="otsu")
+    density, cut = stain_density(rgb)
+    stain_like = (1 / (1 + np.exp(-(density - cut) * 60))).astype(np.float32)  # a map that follows the stain
+    good = answer_tile(stain_like, rgb, rules)
+    assert good.produced_by == "network" and good.check.passed and good.check.stain_agreement > 0.9
+    assert good.labels.max() > 20 and good.confidence is stain_like
+
+    flooding = np.full(rgb.shape[:2], 0.9, np.float32)  # marks the whole tile (the failure seen in a demo run)
+    flooding[:5, :5] = 0.1
+    bad = answer_tile(flooding, rgb, rules)
+    assert bad.produced_by == "classical" and not bad.check.passed and bad.check.coverage > MAX_COVERAGE
+    assert "of the tile" in bad.check.reason()
+    # the classical answer: the stain region with the same morphology and watershed, never the flood
+    assert np.array_equal(bad.labels, instances_from_mask(density > cut, rules))
+    assert (bad.labels > 0).mean() < 0.5 and 0 <= bad.confidence.min() and bad.confidence.max() <= 1
+
+    background = 1.0 - stain_like  # the other failure: a map of everything but the nuclei, thresholded high
+    assert answer_tile(np.where(background > 0.99, 0.95, 0.0).astype(np.float32), rgb, rules).produced_by \
+        == "classical"
+    unchecked = answer_tile(flooding, rgb, rules, serve="network")
+    assert unchecked.produced_by == "network" and unchecked.check is None
+    classical = answer_tile(None, rgb, rules, serve="classical")
+    assert classical.produced_by == "classical" and np.array_equal(classical.labels, bad.labels)
+    with pytest.raises(ValueError, match="serve must be one of"):
+        answer_tile(flooding, rgb, rules, serve="best")
+
+
+def test_nuclei_carry_probability_stable_uid_and_slide_offsets() -> None:
+    labels = _squares()
+    probability = np.zeros(labels.shape, np.float32)
+    probability[labels == 1] = 0.8
+    probability[labels == 2] = 0.6
+    probability[20:25, 30:50] = 1.0  # half of nucleus 2 more confident: its mean is 0.8
+    here = describe_instances(labels, probability=probability, model_version="v1")
+    assert [n["probability"] for n in here] == [pytest.approx(0.8), pytest.approx(0.8)]
+    shifted = describe_instances(labels, probability=probability, offset=(1000, 2000), model_version="v1")
+    assert shifted[0]["bbox"] == [1005, 2005, 1015, 2015] and shifted[0]["centroid"] == [1009.5, 2009.5]
+    assert all(x >= 1004.5 and y >= 2004.5 for x, y in shifted[0]["contour"])
+    assert shifted[0]["contour"] == [[x + 1000, y + 2000] for x, y in here[0]["contour"]]
+    # the same nucleus seen from another tile of the slide (another offset, same slide position): same uid
+    moved = np.zeros((40, 60), np.int32)
+    moved[15:25, 25:35] = 1  # nucleus 1 of ``labels`` in a tile whose corner is 10 px up and 20 px left
+    assert describe_instances(moved, offset=(980, 1990), model_version="v1")[0]["uid"] == shifted[0]["uid"]
+    assert shifted[0]["uid"] != shifted[1]["uid"] != here[1]["uid"]
+    assert describe_instances(labels, offset=(1000, 2000), model_version="v2")[0]["uid"] != shifted[0]["uid"]
+    feature = geojson(shifted, "v1")["features"][0]
+    assert feature["properties"]["measurements"]["probability"] == pytest.approx(0.8)
+    assert feature["properties"]["medcl_uid"] == shifted[0]["uid"]
+    assert feature["geometry"]["coordinates"][0][0][0] >= 1004.5

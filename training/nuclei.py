@@ -473,10 +473,10 @@ def _probe_measures(network: ConfidenceNetwork, features: PatchFeatures, probe: 
 
 def stain_foreground(rgb: np.ndarray, sigma: float) -> np.ndarray:
     """Otsu on the (smoothed) haematoxylin density: the classical method's nuclei region."""
-    from scipy import ndimage as ndi
+    from medcl.nuclei_check import stain_density
 
-    density = haematoxylin(rgb)
-    return otsu_foreground(ndi.gaussian_filter(density, sigma) if sigma else density)
+    density, cut = stain_density(rgb, sigma)
+    return density > cut
 
 
 def pseudo_labels(network: ConfidenceNetwork, spec: SegmentationSpec, images: list[np.ndarray],
@@ -528,6 +528,35 @@ def refine_segmenter(network: ConfidenceNetwork, spec: SegmentationSpec, images:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     network.eval()
     return history
+
+
+def self_check(network: nn.Module, spec: SegmentationSpec, images: list[np.ndarray], limit: int = 32,
+               crop: int = 512) -> dict:
+    """The segmenter checked on its own training tiles, without labels (``medcl.nuclei_check``): the
+    share of tiles whose map passes the per-tile check, the median coverage and stain agreement.
+    ``passed``: at least ``MIN_PASS_SHARE`` of the tiles pass. A map that follows background or floods
+    the tile fails on nearly every tile; a working one fails only on tiles with little stain contrast."""
+    from medcl.nuclei_check import check_map, stain_density
+
+    picks = sorted({int(i) for i in np.linspace(0, len(images) - 1, min(limit, len(images)))})
+    rules = InstanceRules.of(spec)
+    checks = []
+    for i in picks:
+        img = images[i]
+        y0, x0 = max(0, (img.shape[0] - crop) // 2), max(0, (img.shape[1] - crop) // 2)
+        img = np.ascontiguousarray(img[y0:y0 + crop, x0:x0 + crop])
+        density, cut = stain_density(img)
+        checks.append(check_map(probability_foreground(nuclei_probability(network, spec, img), rules), density > cut))
+    share = float(np.mean([c.passed for c in checks]))
+    return {"self_check_tiles": len(checks), "self_check_pass_share": round(share, 4),
+            "self_check_median_coverage": round(float(np.median([c.coverage for c in checks])), 4),
+            "self_check_median_agreement": round(float(np.median([c.stain_agreement for c in checks])), 4),
+            "self_check_passed": share >= MIN_PASS_SHARE}
+
+
+# A segmenter passes its build check when its map passes the per-tile check on at least this share of
+# its training tiles (chosen on the development images and training tiles: docs/segmentation.md).
+MIN_PASS_SHARE = 0.75
 
 
 def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
@@ -630,6 +659,10 @@ def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
             history.append({"refine": refine_history[-1] if refine_history else None})
             (run_dir / "refine_history.json").write_text(json.dumps(refine_history))
             seconds += time.perf_counter() - started_refine
+        checked = self_check(network, spec, images)
+        if not checked["self_check_passed"]:
+            # the map is not to be trusted on any tile: the package serves the classical answer
+            spec = spec.model_copy(update={"serve": "classical"})
         n_params = parameter_count(network, features)
         backbone = "confidence-net"
     else:
@@ -638,6 +671,7 @@ def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
                                 **config.rules)
         n_params = parameter_count(network)
         backbone = "unet-small"
+        checked = {}
     card = Card(name=config.name, version=f"{config.name}-{time.strftime('%Y%m%d%H%M%S')}", task="segment",
                 method=config.method, architecture=ArchitectureSpec(backbone=backbone, width=8, embedding_dim=2),
                 class_names=["background", "nucleus"],
@@ -647,7 +681,8 @@ def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
                 training={"steps_run": steps_run, "refine_steps": config.refine.steps * config.refine.rounds,
                           "chosen_step": best["step"], "seconds": round(seconds, 1),
                           "parameters": n_params, "probe_loss": round(-best["score"], 5) if features is not None else None,
-                          "crop": config.schedule.crop, "batch": config.schedule.batch, "seed": config.seed})
+                          "crop": config.schedule.crop, "batch": config.schedule.batch, "seed": config.seed,
+                          **checked})
     metrics = {}
     if config.data.eval_images and config.data.eval_instances:
         # Held-out images are read at their own resolution: data.scale brings training tiles to it.
