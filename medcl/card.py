@@ -116,6 +116,7 @@ class SegmentationSpec(BaseModel):
     close_radius: int = Field(default=1, ge=0)
     min_area: int = Field(default=30, ge=0)
     min_distance: int = Field(default=6, ge=0)
+    markers: Literal["distance", "map"] = "distance"  # watershed markers (medcl.segmentation.InstanceRules)
     pixel_size_um: float | None = Field(default=None, gt=0.0)  # of the training images
     # what the network reads (medcl.segmentation.network_input): RGB, or RGB plus a per-tile
     # normalised haematoxylin density

@@ -81,27 +81,30 @@ class TileAnswer:
 
 
 def answer_tile(probability: np.ndarray | None, rgb: np.ndarray, rules: InstanceRules,
-                serve: str = "network-or-classical") -> TileAnswer:
+                serve: str = "network-or-classical", scale: float = 1.0) -> TileAnswer:
     """The nuclei /segment returns for one tile under the card's ``serve`` rule.
 
     "network": the network's map, unchecked. "classical": colour deconvolution + Otsu, with the
     card's morphology and watershed. "network-or-classical": the network's map unless ``check_map``
     fails it. For classical answers the confidence is the haematoxylin density divided by twice its
-    Otsu threshold (0.5 = at the threshold), clipped to [0, 1]: comparable in meaning, not calibrated."""
+    Otsu threshold (0.5 = at the threshold), clipped to [0, 1]: comparable in meaning, not calibrated.
+    ``scale``: the tile's pixel size over the model's (``rules`` already at the tile's scale)."""
     if serve not in SERVE_RULES:
         raise ValueError(f"serve must be one of {', '.join(SERVE_RULES)}, not {serve!r}")
     if serve == "network":
         if probability is None:
             raise ValueError("the network's map is needed")
-        return TileAnswer(instances_from_mask(probability_foreground(probability, rules), rules), probability,
+        return TileAnswer(instances_from_mask(probability_foreground(probability, rules), rules, probability),
+                          probability,
                           "network", None)
-    density, cut = stain_density(rgb)
+    density, cut = stain_density(rgb, STAIN_SIGMA / scale)
     stain_region = density > cut
     check = None
     if serve == "network-or-classical" and probability is not None:
         foreground = probability_foreground(probability, rules)
         check = check_map(foreground, stain_region)
         if check.passed:
-            return TileAnswer(instances_from_mask(foreground, rules), probability, "network", check)
+            return TileAnswer(instances_from_mask(foreground, rules, probability), probability, "network", check)
     confidence = np.clip(density / (2.0 * cut), 0.0, 1.0) if cut > 0 else np.zeros_like(density)
-    return TileAnswer(instances_from_mask(stain_region, rules), confidence.astype(np.float32), "classical", check)
+    return TileAnswer(instances_from_mask(stain_region, rules, density), confidence.astype(np.float32), "classical",
+                      check)

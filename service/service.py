@@ -614,7 +614,9 @@ class Medcl:
         card = active.card
         started = time.perf_counter()
         spec = card.segmentation
-        rules = InstanceRules.of(spec)
+        # the card's rules are in the model's pixels; a tile at another known pixel size is cut in its own
+        factor = pixel_size_um / spec.pixel_size_um if pixel_size_um and spec.pixel_size_um else 1.0
+        rules = InstanceRules.of(spec).at_scale(factor)
         out = []
         for i, (filename, data) in enumerate(self._uploads(images, images_base64, "segment")):
             image = to_rgb(self._decode(i, filename, data, "segment", MAX_SEGMENT_PIXELS))
@@ -622,7 +624,7 @@ class Medcl:
             work = image if used == "brightfield" else PILImage.fromarray(rgb)
             probability = (None if spec.serve == "classical"
                            else self._nuclei_map(active, work, spec.pixel_size_um, pixel_size_um))
-            answer = answer_tile(probability, rgb, rules, spec.serve)
+            answer = answer_tile(probability, rgb, rules, spec.serve, scale=factor)
             labels = answer.labels
             nuclei = describe_instances(labels, pixel_size_um, probability=answer.confidence,
                                         offset=(offset_x, offset_y), model_version=card.version)

@@ -549,3 +549,38 @@ def test_nuclei_carry_probability_stable_uid_and_slide_offsets() -> None:
     assert feature["properties"]["measurements"]["probability"] == pytest.approx(0.8)
     assert feature["properties"]["medcl_uid"] == shifted[0]["uid"]
     assert feature["geometry"]["coordinates"][0][0][0] >= 1004.5
+
+
+def test_map_markers_split_touching_nuclei_without_a_neck() -> None:
+    yy, xx = np.mgrid[0:60, 0:90].astype(np.float32)
+    # two nuclei pressed into one smooth ellipse: the mask has no neck, the stain two hills
+    score = np.exp(-((yy - 30) ** 2 + (xx - 36) ** 2) / 120) + np.exp(-((yy - 30) ** 2 + (xx - 54) ** 2) / 120)
+    mask = ((yy - 30) / 14) ** 2 + ((xx - 45) / 24) ** 2 < 1
+    assert instances_from_mask(mask, InstanceRules(min_distance=12)).max() == 1
+    assert instances_from_mask(mask, InstanceRules(min_distance=12, markers="map"), score).max() == 2
+    with pytest.raises(ValueError, match="need the map"):
+        instances_from_mask(mask, InstanceRules(markers="map"))
+    half = InstanceRules(min_distance=12, min_area=30, markers="map").at_scale(2.0)
+    assert (half.min_distance, half.min_area, half.marker_sigma) == (6, 8, 1.0)
+    assert InstanceRules().at_scale(1.05) == InstanceRules()
+
+
+def test_unet_checkpoint_is_chosen_on_excluded_development_images(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from training.nuclei import SegmenterConfig, SegmenterError, train_segmenter
+
+    train = shared("monuseg", "train")
+    dev = sorted(p.stem for p in (train / "instances").glob("*.png"))[:1]
+    (tmp_path / "dev.txt").write_text("\n".join(dev) + "\n")
+    data = {"name": "monuseg", "images": str(train / "images"), "masks": str(train / "binary_masks"),
+            "select_images": str(train / "images"), "select_instances": str(train / "instances"),
+            "select_names": str(tmp_path / "dev.txt")}
+    config = {"name": "unet-select", "method": "supervised_unet", "output_dir": str(tmp_path), "data": data,
+              "schedule": {"steps": 4, "batch": 2, "crop": 96, "eval_every": 2, "min_steps": 0, "patience": 1}}
+    with pytest.raises(SegmenterError, match="must be excluded from training"):
+        train_segmenter(SegmenterConfig.model_validate(config), progress=False)
+    data["exclude"] = str(tmp_path / "dev.txt")
+    run = train_segmenter(SegmenterConfig.model_validate(config), progress=False)
+    history = json.loads((run / "history.json").read_text())
+    assert [h["step"] for h in history if "select_dice" in h] == [2, 4]
+    assert all(0.0 <= h["select_dice"] <= 1.0 for h in history if "select_dice" in h)

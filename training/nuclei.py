@@ -237,6 +237,11 @@ class SegmenterData(BaseModel):
     pixel_size_um: float | None = Field(default=None, gt=0.0)  # after scaling
     eval_images: str | None = None  # held-out images + instance masks for the report only
     eval_instances: str | None = None
+    # Development images with instance masks that choose the supervised U-Net's checkpoint (early
+    # stopping on their mean Dice); ``select_names`` restricts them to a list (configs/splits/monuseg-dev.txt).
+    select_images: str | None = None
+    select_instances: str | None = None
+    select_names: str | None = None
 
 
 class SegmenterSchedule(BaseModel):
@@ -311,7 +316,8 @@ def load_segmenter_config(path: str | Path, overrides: dict | None = None) -> Se
     raw = read_config_yaml(path, overrides)
     base = Path(path).parent
     data = raw.get("data")
-    for key in ("images", "masks", "eval_images", "eval_instances", "exclude"):
+    for key in ("images", "masks", "eval_images", "eval_instances", "exclude", "select_images", "select_instances",
+                "select_names"):
         if isinstance(data, dict) and data.get(key):
             data[key] = str(resolve_path(base, data[key]))
     for source in (data.get("more") or []) if isinstance(data, dict) else []:
@@ -534,8 +540,10 @@ def self_check(network: nn.Module, spec: SegmentationSpec, images: list[np.ndarr
                crop: int = 512) -> dict:
     """The segmenter checked on its own training tiles, without labels (``medcl.nuclei_check``): the
     share of tiles whose map passes the per-tile check, the median coverage and stain agreement.
-    ``passed``: at least ``MIN_PASS_SHARE`` of the tiles pass. A map that follows background or floods
-    the tile fails on nearly every tile; a working one fails only on tiles with little stain contrast."""
+    ``passed``: the median tile is within both bounds of the per-tile check. A map that follows
+    background or floods the tile fails on nearly every tile; a working one fails only on some tiles
+    with few nuclei (the demo segmenter, seed 0: 78% of its 32 training tiles pass, median coverage
+    0.30 and agreement 0.91), so the median, not the share of passing tiles, decides."""
     from medcl.nuclei_check import check_map, stain_density
 
     picks = sorted({int(i) for i in np.linspace(0, len(images) - 1, min(limit, len(images)))})
@@ -547,16 +555,16 @@ def self_check(network: nn.Module, spec: SegmentationSpec, images: list[np.ndarr
         img = np.ascontiguousarray(img[y0:y0 + crop, x0:x0 + crop])
         density, cut = stain_density(img)
         checks.append(check_map(probability_foreground(nuclei_probability(network, spec, img), rules), density > cut))
-    share = float(np.mean([c.passed for c in checks]))
-    return {"self_check_tiles": len(checks), "self_check_pass_share": round(share, 4),
-            "self_check_median_coverage": round(float(np.median([c.coverage for c in checks])), 4),
-            "self_check_median_agreement": round(float(np.median([c.stain_agreement for c in checks])), 4),
-            "self_check_passed": share >= MIN_PASS_SHARE}
+    from medcl.nuclei_check import MapCheck
 
-
-# A segmenter passes its build check when its map passes the per-tile check on at least this share of
-# its training tiles (chosen on the development images and training tiles: docs/segmentation.md).
-MIN_PASS_SHARE = 0.75
+    median = MapCheck(coverage=float(np.median([c.coverage for c in checks])),
+                      stain_coverage=float(np.median([c.stain_coverage for c in checks])),
+                      stain_agreement=float(np.median([c.stain_agreement for c in checks])))
+    return {"self_check_tiles": len(checks),
+            "self_check_pass_share": round(float(np.mean([c.passed for c in checks])), 4),
+            "self_check_median_coverage": round(median.coverage, 4),
+            "self_check_median_agreement": round(median.stain_agreement, 4),
+            "self_check_passed": median.passed}
 
 
 def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
@@ -590,6 +598,15 @@ def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
         params = list(network.parameters())
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     probe = _probe_set(net_inputs, config)
+    selecting = features is None and bool(config.data.select_images and config.data.select_instances)
+    if selecting:
+        select_spec = SegmentationSpec(maps=1, nuclei_channel=0, channel_rule="supervised (single nuclei map)",
+                                       receptive_radius=network.receptive_radius, **config.rules)
+        select_names = set(read_name_list(config.data.select_names)) if config.data.select_names else None
+        excluded = set(read_name_list(config.data.exclude)) if config.data.exclude else set()
+        if select_names is None or not select_names <= excluded:
+            raise SegmenterError("the development images that choose the checkpoint must be excluded from training: "
+                                 "set data.select_names to a list that data.exclude also names")
     history: list[dict] = []
     best = {"score": -math.inf, "step": 0, "state": None}
     stale = 0
@@ -622,19 +639,31 @@ def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
                 probe_loss, record["separation"] = _probe_measures(network, features, probe, config)
                 record["probe_loss"] = probe_loss
                 score = -probe_loss
+            elif selecting:
+                network.eval()
+                score = record["select_dice"] = evaluate_segmenter(
+                    network, select_spec, config.data.select_images, config.data.select_instances,
+                    names=select_names)["mean"]["dice"]
+                network.train()
             else:
-                score = -loss.item()  # the supervised baseline keeps its last weights (see below)
-            # better = the probe loss fell by more than 1% (scores are negative losses)
-            if features is None or best["state"] is None or score > best["score"] + 0.01 * abs(best["score"]):
+                score = -loss.item()  # without development images the U-Net keeps its last weights
+            # better: the probe loss fell by more than 1% (scores are negative losses), or the
+            # development Dice rose by more than 0.002
+            improved = best["state"] is None or (
+                score > best["score"] + 0.01 * abs(best["score"]) if features is not None
+                else (score > best["score"] + 0.002 if selecting else True))
+            if improved:
                 best = {"score": score, "step": step,
                         "state": {k: v.detach().clone() for k, v in network.state_dict().items()}}
                 stale = 0
             else:
                 stale += 1
             bar.set_postfix(loss=f"{loss.item():.3f}", probe_loss=f"{abs(score):.3f}")
-            if features is not None and step >= config.schedule.min_steps and stale >= config.schedule.patience:
-                record["stopped"] = "converged: the probe loss fell by less than 1% for "\
-                                    f"{config.schedule.patience} evaluations"
+            if (features is not None or selecting) and step >= config.schedule.min_steps \
+                    and stale >= config.schedule.patience:
+                record["stopped"] = ("converged: the probe loss fell by less than 1% for " if features is not None
+                                     else "early stop: the development Dice rose by less than 0.002 for ") \
+                    + f"{config.schedule.patience} evaluations"
                 history.append(record)
                 break
         history.append(record)
@@ -648,7 +677,11 @@ def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
         # 0.5) scored Dice 0.64 vs 0.45 at a fixed 0.5 in a development run (MoNuSeg test, 300 steps).
         spec = SegmentationSpec(maps=config.maps, nuclei_channel=0, channel_rule="(chosen below)",
                                 receptive_radius=network.receptive_radius, pixel_size_um=config.data.pixel_size_um,
-                                inputs=config.inputs, **{"threshold_rule": "otsu", **config.rules})
+                                inputs=config.inputs,
+                                # watershed on the map, markers a nucleus radius (3 µm at 0.25 µm/px) apart:
+                                # AJI 0.342 -> 0.430 for the demo segmenter on the development images
+                                # (distance-transform markers 6 px apart before; docs/segmentation.md)
+                                **{"threshold_rule": "otsu", "markers": "map", "min_distance": 12, **config.rules})
         channel, agreement = choose_nuclei_channel(network, images, InstanceRules.of(spec), inputs=config.inputs)
         spec = spec.model_copy(update={
             "nuclei_channel": channel,
