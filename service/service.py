@@ -151,6 +151,10 @@ class Segmentation(BaseModel):
                     "map failed the label-free check (see check) or the model is set to serve the classical answer")
     check: TileCheck | None = Field(None, description="The label-free check of the network's map on this tile")
     offset: list[int] = Field(description="(offset_x, offset_y) added to every coordinate")
+    assumed_pixel_size_um: float | None = Field(
+        description="The pixel size the tile was segmented as: pixel_size_um when sent, else the model's training "
+                    "pixel size (taken as is: the magnification is not estimated from the image)")
+    resampled: bool = Field(description="Whether the tile was resampled to the model's pixel size for inference")
     label_png_base64: str | None = Field(None, description="16-bit label image (0 = background), with return_mask")
     geojson: dict | None = Field(None, description="FeatureCollection QuPath imports, with return_geojson")
     model: str
@@ -636,6 +640,8 @@ class Medcl:
                 nuclei=[Nucleus(**n) for n in nuclei], pixel_size_um=pixel_size_um, modality=used,
                 produced_by=answer.produced_by, check=TileCheck(**answer.check.as_dict()) if answer.check else None,
                 offset=[offset_x, offset_y],
+                assumed_pixel_size_um=pixel_size_um or spec.pixel_size_um,
+                resampled=probability is not None and abs(factor - 1.0) > 0.1,
                 label_png_base64=base64.b64encode(label_png(labels)).decode() if return_mask else None,
                 geojson=geojson(nuclei, card.version) if return_geojson else None,
                 model=name, model_version=card.version))

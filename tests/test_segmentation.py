@@ -249,6 +249,7 @@ def test_segment_a_real_tile_larger_than_the_window(two_model_service: str) -> N
     assert mask.shape == (1000, 1000) and len(np.unique(mask)) - 1 == result["count"]
     assert len(result["geojson"]["features"]) == result["count"]
     assert result["produced_by"] in ("network", "classical") and result["offset"] == [0, 0]
+    assert result["assumed_pixel_size_um"] == 0.25 and not result["resampled"]
     if result["check"] is not None:  # the network's map was checked against the stain
         assert result["check"]["passed"] == (result["produced_by"] == "network")
     assert all(0.0 <= n["probability"] <= 1.0 and len(n["uid"]) == 16 for n in result["nuclei"])
@@ -307,6 +308,8 @@ def test_a_tile_at_another_resolution_is_answered_in_its_own_pixels(two_model_se
     (result,) = answer.json()
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["label_png_base64"]))))
     assert (result["width"], result["height"]) == mask.shape[::-1] == (224, 224)
+    assert result["assumed_pixel_size_um"] == 0.5 and result["resampled"] == (result["produced_by"] == "network"
+                                                                             or result["check"] is not None)
     for nucleus in result["nuclei"]:
         assert nucleus["area_um2"] == pytest.approx(nucleus["area_px"] * 0.25, rel=1e-3)
         assert nucleus["bbox"][2] <= 224 and nucleus["bbox"][3] <= 224
