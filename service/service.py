@@ -147,8 +147,9 @@ class Segmentation(BaseModel):
     modality: str = Field(description="brightfield, or fluorescence (inverted to dark nuclei on a bright background "
                                       "before the model); detected from the image unless the request named it")
     produced_by: Literal["network", "classical"] = Field(
-        description="Which method's nuclei these are: the network's, or colour deconvolution + Otsu where the network's "
-                    "map failed the label-free check (see check) or the model is set to serve the classical answer")
+        description="Which method's nuclei these are: the network's, or colour deconvolution + Otsu (where the "
+                    "network's map failed the label-free check, see check; or as the request's method or the model's "
+                    "card asked)")
     check: TileCheck | None = Field(None, description="The label-free check of the network's map on this tile")
     offset: list[int] = Field(description="(offset_x, offset_y) added to every coordinate")
     assumed_pixel_size_um: float | None = Field(
@@ -603,6 +604,7 @@ class Medcl:
                 pixel_size_um: Annotated[float | None, Field(ge=0.01, le=100)] = None,  # ge: OpenAPI 3.0 has no numeric exclusiveMinimum
                 return_mask: bool = False, return_geojson: bool = False,
                 modality: Literal["auto", "brightfield", "fluorescence"] = "auto",
+                method: Literal["auto", "network-or-classical", "network", "classical"] = "auto",
                 offset_x: Annotated[int, Field(ge=0, le=10_000_000)] = 0,
                 offset_y: Annotated[int, Field(ge=0, le=10_000_000)] = 0,
                 model: str | None = MODEL_FIELD) -> list[Segmentation]:
@@ -612,8 +614,10 @@ class Medcl:
         Fluorescence images (bright nuclei on black; ``modality``, detected when "auto") are turned into
         dark nuclei on a bright background first, as the segmenters learned on H&E. ``offset_x`` /
         ``offset_y``: the tile's top-left corner on the slide, added to every coordinate returned.
-        Where the network's map fails a label-free check against the tile's stain, the nuclei are the
-        classical method's; ``produced_by`` says which."""
+        ``method``: "auto" answers by the model card's rule; "network-or-classical" gives the network's
+        nuclei where its map passes a label-free check against the tile's stain and the classical
+        method's elsewhere; "network" the network's unchecked; "classical" colour deconvolution + Otsu
+        with the card's post-processing. ``produced_by`` says which produced each answer."""
         name, active = self.resolve(model, "segment", ("segment",))
         card = active.card
         started = time.perf_counter()
@@ -621,14 +625,15 @@ class Medcl:
         # the card's rules are in the model's pixels; a tile at another known pixel size is cut in its own
         factor = pixel_size_um / spec.pixel_size_um if pixel_size_um and spec.pixel_size_um else 1.0
         rules = InstanceRules.of(spec).at_scale(factor)
+        rule = spec.serve if method == "auto" else method
         out = []
         for i, (filename, data) in enumerate(self._uploads(images, images_base64, "segment")):
             image = to_rgb(self._decode(i, filename, data, "segment", MAX_SEGMENT_PIXELS))
             rgb, used = as_brightfield(np.asarray(image), modality)
             work = image if used == "brightfield" else PILImage.fromarray(rgb)
-            probability = (None if spec.serve == "classical"
+            probability = (None if rule == "classical"
                            else self._nuclei_map(active, work, spec.pixel_size_um, pixel_size_um))
-            answer = answer_tile(probability, rgb, rules, spec.serve, scale=factor)
+            answer = answer_tile(probability, rgb, rules, rule, scale=factor)
             labels = answer.labels
             nuclei = describe_instances(labels, pixel_size_um, probability=answer.confidence,
                                         offset=(offset_x, offset_y), model_version=card.version)

@@ -281,6 +281,27 @@ def test_offsets_move_nuclei_into_slide_coordinates(two_model_service: str) -> N
         assert refused.status_code == 400 and "offset" in refused.text, refused.text
 
 
+def test_the_request_chooses_which_method_answers(two_model_service: str) -> None:
+    path = sorted(shared("monuseg", "test", "images").glob("*.png"))[0]
+    files = [(path.name, path.read_bytes(), "image/png")]
+    answers = {}
+    for method in ("network", "network-or-classical", "classical", "auto"):
+        r = _post(two_model_service, "/segment", files, method=method, return_mask="true")
+        assert r.status_code == 200, r.text
+        answers[method] = r.json()[0]
+    assert answers["network"]["produced_by"] == "network" and answers["network"]["check"] is None
+    assert answers["classical"]["produced_by"] == "classical" and answers["classical"]["check"] is None
+    checked = answers["network-or-classical"]
+    assert checked["check"] is not None and checked["produced_by"] == ("network" if checked["check"]["passed"]
+                                                                        else "classical")
+    same = "network" if checked["produced_by"] == "network" else "classical"
+    assert checked["label_png_base64"] == answers[same]["label_png_base64"]
+    # the demo config's default (serve: classical), unless the card says otherwise
+    assert answers["auto"]["label_png_base64"] == answers["classical"]["label_png_base64"]
+    refused = _post(two_model_service, "/segment", files, method="best")
+    assert refused.status_code == 400 and "method" in refused.text
+
+
 def test_requests_name_a_model_and_wrong_ones_are_refused(two_model_service: str) -> None:
     blood = shared("blood-photos")
     photo = sorted(blood.rglob("*.jpg"))[0]
@@ -303,19 +324,22 @@ def test_requests_name_a_model_and_wrong_ones_are_refused(two_model_service: str
 def test_a_tile_at_another_resolution_is_answered_in_its_own_pixels(two_model_service: str) -> None:
     tile = sorted(HE_TILES.glob("TUM*.png"))[0]  # 224 px at 0.5 µm/px; the model's card says 0.25
     answer = _post(two_model_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")],
-                   pixel_size_um="0.5", return_mask="true")
+                   pixel_size_um="0.5", return_mask="true", method="network-or-classical")
     assert answer.status_code == 200, answer.text
     (result,) = answer.json()
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["label_png_base64"]))))
     assert (result["width"], result["height"]) == mask.shape[::-1] == (224, 224)
-    assert result["assumed_pixel_size_um"] == 0.5 and result["resampled"] == (result["produced_by"] == "network"
-                                                                             or result["check"] is not None)
+    assert result["assumed_pixel_size_um"] == 0.5 and result["resampled"]  # the network ran at 0.25 µm/px
     for nucleus in result["nuclei"]:
         assert nucleus["area_um2"] == pytest.approx(nucleus["area_px"] * 0.25, rel=1e-3)
         assert nucleus["bbox"][2] <= 224 and nucleus["bbox"][3] <= 224
     too_big = _post(two_model_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")],
-                    pixel_size_um="100")
+                    pixel_size_um="100", method="network")
     assert too_big.status_code == 413 and "limit" in too_big.text
+    # the classical method needs no resampling: it cuts the tile in its own pixels, with rules scaled to them
+    classical = _post(two_model_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")],
+                      pixel_size_um="100", method="classical")
+    assert classical.status_code == 200 and not classical.json()[0]["resampled"]
 
 
 def test_python_client_and_cli_segment(two_model_service: str) -> None:

@@ -296,6 +296,9 @@ class SegmenterConfig(BaseModel):
     schedule: SegmenterSchedule
     refine: RefineConfig = RefineConfig()
     rules: dict = Field(default_factory=dict)  # InstanceRules overrides
+    # which answer /segment gives by default (card segmentation.serve; medcl.nuclei_check.answer_tile);
+    # a segmenter that fails its build self-check serves "classical" whatever is set here
+    serve: Literal["network", "network-or-classical", "classical"] = "network-or-classical"
     output_dir: str = "runs"
 
 
@@ -693,9 +696,8 @@ def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
             (run_dir / "refine_history.json").write_text(json.dumps(refine_history))
             seconds += time.perf_counter() - started_refine
         checked = self_check(network, spec, images)
-        if not checked["self_check_passed"]:
-            # the map is not to be trusted on any tile: the package serves the classical answer
-            spec = spec.model_copy(update={"serve": "classical"})
+        # a map that fails its self-check is not to be trusted on any tile: the classical answer is served
+        spec = spec.model_copy(update={"serve": config.serve if checked["self_check_passed"] else "classical"})
         n_params = parameter_count(network, features)
         backbone = "confidence-net"
     else:
