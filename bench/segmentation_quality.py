@@ -65,9 +65,10 @@ def evaluate_classical(files: list[Path], instances: Path,
     return per_image, predictions
 
 
-def evaluate_served(run_dir: Path, files: list[Path], instances: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """What /segment answers with this segmenter: the network's nuclei where its map passes the
-    label-free check against the stain, else the classical method's (medcl/nuclei_check.py)."""
+def evaluate_checked(run_dir: Path, files: list[Path], instances: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """What /segment answers with ``method=network-or-classical``: the network's nuclei where its map
+    passes the label-free check against the stain, else the classical method's (medcl/nuclei_check.py);
+    only the classical method's if the segmenter failed its build self-check."""
     from medcl.nuclei_check import answer_tile
     from medcl.segmentation import InstanceRules, as_brightfield, segmentation_scores
     from training.nuclei import load_segmenter, nuclei_probability, read_rgb
@@ -79,8 +80,9 @@ def evaluate_served(run_dir: Path, files: list[Path], instances: Path) -> tuple[
         if not (instances / f.name).is_file():
             continue
         rgb = as_brightfield(read_rgb(f))[0]
-        probability = None if spec.serve == "classical" else nuclei_probability(network, spec, rgb)
-        answer = answer_tile(probability, rgb, InstanceRules.of(spec), spec.serve)
+        rule = "classical" if card.training.get("self_check_passed") is False else "network-or-classical"
+        probability = None if rule == "classical" else nuclei_probability(network, spec, rgb)
+        answer = answer_tile(probability, rgb, InstanceRules.of(spec), rule)
         per_image[f.name] = {**segmentation_scores(_truth(instances / f.name), answer.labels),
                              "produced_by": answer.produced_by}
         predictions[f.name] = answer.labels
@@ -149,9 +151,9 @@ METHODS = {"classical": ("classical: colour deconvolution + Otsu + watershed", 0
 
 
 def _label(method: str) -> tuple[str, float]:
-    if method.endswith("+served"):
-        base, share = METHODS.get(method[:-len("+served")], (method[:-len("+served")], 0.0))
-        return f"as served: {base}, classical where its map fails the stain check", share
+    if method.endswith("+checked"):
+        base, share = METHODS.get(method[:-len("+checked")], (method[:-len("+checked")], 0.0))
+        return f"{base}, checked: the classical answer where its map fails the stain check", share
     return METHODS.get(method, (method, 1.0))
 
 
@@ -232,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
                "rule": training.get("channel_rule", ""), "seed": training.get("seed"),
                "steps": f"{training['steps_run']} steps, kept {training['chosen_step']}"}
         by_method.setdefault(method, []).append({"scores": _image_means(per_image), **row})
-        served, served_preds = evaluate_served(run, files, instances)
-        raw["runs"][run.name + "+served"] = {"per_image": served, "training": {**training,
-                                                                              "method": method + "+served"}}
-        predictions.setdefault("as served", served_preds)
-        by_method.setdefault(method + "+served", []).append({
+        served, served_preds = evaluate_checked(run, files, instances)
+        raw["runs"][run.name + "+checked"] = {"per_image": served, "training": {**training,
+                                                                               "method": method + "+checked"}}
+        predictions.setdefault("network checked", served_preds)
+        by_method.setdefault(method + "+checked", []).append({
             "scores": _image_means(served), **row, "rule": "",
             "network_share": float(np.mean([v["produced_by"] == "network" for v in served.values()]))})
     n_images = len(next(iter(raw["runs"].values()))["per_image"])
@@ -248,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
              "goes through the same morphology (opening disk 3, closing disk 1, holes filled, < 30 px dropped); "
              "the classical baseline as defined splits touching nuclei by a distance-transform watershed "
              "(markers 6 px apart); trained runs and the second classical row use the watershed the "
-             "development images chose (on the smoothed map or stain, markers 12 px apart). \"As served\" "
-             "rows are what /segment answers: the network's nuclei where its map passes the label-free stain "
-             "check, the second classical row's elsewhere.", "",
+             "development images chose (on the smoothed map or stain, markers 12 px apart). \"Checked\" rows "
+             "are what /segment answers with method=network-or-classical: the network's nuclei where its map "
+             "passes the label-free stain check, the second classical row's elsewhere. /segment's default for "
+             "the demo model is the second classical row (docs/segmentation.md).", "",
              "| method | seeds | Dice | AJI | PQ | training per run (this CPU) | parameters | network answers |",
              "|---|---|---|---|---|---|---|---|"]
     summary_rows = []
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     figure = overlay_figure(images / sorted(next(iter(raw["runs"].values()))["per_image"])[0], instances, predictions, args.out.with_suffix(".png"),
                             args.dataset)
     lines += ["", f"![overlays]({figure.name})"]
-    served_methods = [m for m in by_method if m.endswith("+served")]
+    served_methods = [m for m in by_method if m.endswith("+checked")]
     if served_methods:
         paired = paired_difference_figure(raw, served_methods[0], "classical",
                                           args.out.parent / (args.out.name + "-paired.png"), args.dataset)

@@ -646,7 +646,7 @@ def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
                 network.eval()
                 score = record["select_dice"] = evaluate_segmenter(
                     network, select_spec, config.data.select_images, config.data.select_instances,
-                    names=select_names)["mean"]["dice"]
+                    names=select_names, progress=False)["mean"]["dice"]
                 network.train()
             else:
                 score = -loss.item()  # without development images the U-Net keeps its last weights
@@ -721,7 +721,8 @@ def train_segmenter(config: SegmenterConfig, progress: bool = True) -> Path:
     metrics = {}
     if config.data.eval_images and config.data.eval_instances:
         # Held-out images are read at their own resolution: data.scale brings training tiles to it.
-        metrics = evaluate_segmenter(network, spec, config.data.eval_images, config.data.eval_instances)
+        metrics = evaluate_segmenter(network, spec, config.data.eval_images, config.data.eval_instances,
+                                     progress=progress)
         card.metrics = {k: v for k, v in metrics["mean"].items()}
     save_weights(network, run_dir)
     card.save(run_dir)
@@ -744,14 +745,13 @@ def nuclei_probability(network: nn.Module, spec: SegmentationSpec, rgb: np.ndarr
 
 def evaluate_segmenter(network: nn.Module, spec: SegmentationSpec, images: str | Path, instances: str | Path,
                        scale: float = 1.0, predictions: dict[str, np.ndarray] | None = None,
-                       names: set[str] | None = None) -> dict:
+                       names: set[str] | None = None, progress: bool = True) -> dict:
     """Dice / AJI / PQ per held-out image and their means (labels used here only); the predicted
     label images go into ``predictions`` (by file name) when a dict is given; ``names`` (stems)
     restricts the images, e.g. to the development list."""
     per_image = {}
-    for f in tqdm(image_files(images), desc="evaluate", leave=False):
-        if names is not None and f.stem not in names:
-            continue
+    files = [f for f in image_files(images) if names is None or f.stem in names]
+    for f in tqdm(files, desc="evaluate", leave=False, disable=not progress):
         truth_path = Path(instances) / f.name
         if not truth_path.is_file():
             continue
