@@ -35,7 +35,7 @@ beside it (as on a user's machine), $(nproc) cores, wall-clock time from \`make 
 
 | run | what happens | seconds |
 |---|---|---|
-| first | create .venv, install torch (pinned CPU wheel) and the project, train the two demo models (S5CL blood-cell classifier, 250 steps; self-supervised nuclei segmenter, 300 steps), export both to ONNX with parity checks, index the demo cases, start BentoML | $first |
+| first | create .venv, install torch (pinned CPU wheel) and the project, train the two demo models (S5CL blood-cell classifier, 250 steps; self-supervised nuclei segmenter, 300 steps + 200 self-training steps, checked against the stain), export both to ONNX with parity checks, index the demo cases, start BentoML | $first |
 | second | find the demo packages, start BentoML | $second |
 
 The target is at most 600 s for the first run and 30 s for later ones. Installing packages depends on
