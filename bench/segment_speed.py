@@ -64,8 +64,10 @@ def flop_floor(run_dir: Path, height: int, width: int, peak_gflops: float) -> di
     """The network's GFLOP on one whole tile and the time that costs at the GEMM peak, per megapixel."""
     from training.nuclei import load_segmenter
 
-    network, _ = load_segmenter(run_dir)
-    gflop = model_gflops(network, (3, height, width))
+    from medcl.segmentation import network_input_channels
+
+    network, card = load_segmenter(run_dir)
+    gflop = model_gflops(network, (len(network_input_channels(card.segmentation.inputs)), height, width))
     per_mp = gflop / (height * width / 1e6)
     return {"gflop_per_megapixel": round(per_mp, 2), "floor_seconds_per_megapixel": round(per_mp / peak_gflops, 4)}
 
