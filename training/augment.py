@@ -3,7 +3,7 @@
 Weak: flips, 90-degree rotations, colour jitter (0.1). Strong: flips, 90-degree rotations,
 H&E (HED) stain jitter (theta 0.01), random resized crop and a small affine, done as one
 ``affine_grid``/``grid_sample``. The reference HED jitter drew its factors once per run; here they
-are drawn per image (METHODS.md, S5CL).
+are drawn per image (docs/methods.md, S5CL).
 """
 
 from __future__ import annotations

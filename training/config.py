@@ -45,13 +45,13 @@ class MethodConfig(BaseModel):
     pseudo_warmup_steps: int = Field(default=100, ge=0)
     # None = the reference behaviour (every pseudo-label counts); a value keeps only confident ones.
     pseudo_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    # SRCL / mean teacher (METHODS.md §4)
+    # SRCL / mean teacher (docs/methods.md)
     tau_ntxent: float = Field(default=0.5, gt=0.0)
     lambda_contrastive: float = Field(default=1.0, ge=0.0)
     relation_weight: float = Field(default=1.0, ge=0.0)
     ema_decay: float = Field(default=0.99, gt=0.0, lt=1.0)
     rampup_steps: int | None = Field(default=None, ge=1)  # None: 40% of the run
-    # SWCL (METHODS.md §3): the stage-1 label-propagation model (a finished run or package folder) that
+    # SWCL (docs/methods.md): the stage-1 label-propagation model (a finished run or package folder) that
     # gives unlabelled images a pseudo-label and every patch an abnormality score; patches at five fixed
     # positions (four corners + centre) with a side of patch_fraction x the image; a patch is abnormal
     # when its image is and its score (1 - P(normal classes)) reaches abnormal_threshold; SupCon at tau_patch.

@@ -202,7 +202,7 @@ class MeanTeacherRelations:
 
 
 class SWCL:
-    """SWCL stage 3 (METHODS.md §3): multi-label supervised contrastive pretraining on patches.
+    """SWCL stage 3 (docs/methods.md): multi-label supervised contrastive pretraining on patches.
 
     Every image (labelled, and unlabelled with the stage-1 teacher's pseudo-label) is cut at five fixed
     positions (four corners and the centre) in each of two views; a patch's label set is its position

@@ -1,4 +1,4 @@
-"""Self-supervised nuclei segmentation by patch contrast on confidence maps (NLDL 2023; METHODS.md §2),
+"""Self-supervised nuclei segmentation by patch contrast on confidence maps (NLDL 2023; docs/segmentation.md),
 and the supervised U-Net it is compared with.
 
 The confidence network outputs K sigmoid maps. Each step samples, per image and map, windows where

@@ -1,4 +1,4 @@
-"""Transfer to retinal-vessel segmentation on DRIVE (SWCL's downstream check, METHODS.md §3).
+"""Transfer to retinal-vessel segmentation on DRIVE (SWCL's downstream check, docs/methods.md).
 
 A U-Net whose encoder is the classification backbone (same ``ArchitectureSpec``), started from scratch or
 from the backbone of a finished run (SWCL's patch pretraining, or any other), trained on DRIVE's training
