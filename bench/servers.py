@@ -67,8 +67,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @contextmanager
 def bentoml_service(package: Path | None, folder: Path, models: str | None = None, auth: bool = True,
-                    **env_extra: str) -> Iterator[Server]:
-    """``medcl serve`` as a user runs it (API keys on unless ``auth=False``)."""
+                    cwd: Path | None = None, **env_extra: str) -> Iterator[Server]:
+    """``medcl serve`` as a user runs it (API keys on unless ``auth=False``). ``cwd``: where it runs
+    (``python -m`` imports from there first: another checkout's code is served from its folder)."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     # What to serve comes from the arguments, never from a model list left in the caller's environment.
@@ -84,7 +85,10 @@ def bentoml_service(package: Path | None, folder: Path, models: str | None = Non
     elif package is not None:  # else the environment names it (MEDCL_MODEL, MEDCL_PACKAGE in env_extra)
         cmd += ["--package", str(package)]
     log = folder / "serve.log"
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    if cwd is not None:
+        env.setdefault("MEDCL_HOME", str(Path(os.environ.get("MEDCL_HOME", ".medcl")).resolve()))
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(proc, lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200, log, "medcl serve")

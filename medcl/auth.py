@@ -111,9 +111,15 @@ def parse_env(value: str) -> list[KeyEntry]:
     return entries
 
 
-def read_key_file(path: Path) -> list[KeyEntry]:
+def read_key_file(path: Path, allow_empty: bool = False) -> list[KeyEntry]:
+    """The keys of a key file. An empty file is an error like a broken one (it is what a half-written or
+    truncated file looks like); revoking every key is written explicitly as ``keys: []``."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
+        if raw is None:
+            if allow_empty:
+                return []
+            raise AuthConfigError(f"API key file {path} is empty (to revoke every key, write 'keys: []')")
         return KeyFile.model_validate(raw).keys
     except (OSError, yaml.YAMLError) as e:
         raise AuthConfigError(f"cannot read API key file {path}: {e}") from None
@@ -133,7 +139,7 @@ def _write_key_file(path: Path, entries: list[KeyEntry]) -> None:
 
 def add_key_to_file(path: Path, name: str, scopes: list[str]) -> str:
     """Append a new key's digest to ``path`` (created 0600 if missing) and return the key: shown once."""
-    entries = read_key_file(path) if path.exists() else []
+    entries = read_key_file(path, allow_empty=True) if path.exists() else []
     if any(e.name == name for e in entries):
         raise AuthConfigError(f"{path} already has a key named {name!r}")
     key = new_key()

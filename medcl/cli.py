@@ -206,8 +206,15 @@ def _bentoml_serve(package: Path | None, port: int, host: str, models: str | Non
     if env.get("MEDCL_API_KEYS_FILE"):
         env["MEDCL_API_KEYS_FILE"] = str(Path(env["MEDCL_API_KEYS_FILE"]).resolve())
     _ensure_api_keys(env)
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:Medcl", "--port", str(port), "--host", host,
-           "--working-dir", str(REPO_ROOT)]
+    from service.launch import port_in_use
+
+    if port_in_use(host, port):
+        raise UsageError(f"port {port} on {host} is already in use (another service, or a worker left from an "
+                         f"earlier one: `fuser -k {port}/tcp` stops it); choose another with --port")
+    # One Prometheus directory per service (service/launch.py): two services on one host never share it.
+    env["MEDCL_PROMETHEUS_DIR"] = str(Path(env["MEDCL_HOME"]) / "run" / f"port-{port}" / "prometheus")
+    cmd = [sys.executable, "-m", "service.launch", "serve", "service.service:Medcl", "--port", str(port),
+           "--host", host, "--working-dir", str(REPO_ROOT)]
     print(f"medcl: serving {what} on http://{host}:{port}", file=sys.stderr, flush=True)
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached

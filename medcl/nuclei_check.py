@@ -17,6 +17,7 @@ maps, not maps that are merely a little worse than the stain.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,30 +82,34 @@ class TileAnswer:
 
 
 def answer_tile(probability: np.ndarray | None, rgb: np.ndarray, rules: InstanceRules,
-                serve: str = "network-or-classical", scale: float = 1.0) -> TileAnswer:
+                serve: str = "network-or-classical", scale: float = 1.0,
+                between: Callable[[], None] | None = None) -> TileAnswer:
     """The nuclei /segment returns for one tile under the card's ``serve`` rule.
 
     "network": the network's map, unchecked. "classical": colour deconvolution + Otsu, with the
     card's morphology and watershed. "network-or-classical": the network's map unless ``check_map``
     fails it. For classical answers the confidence is the haematoxylin density divided by twice its
     Otsu threshold (0.5 = at the threshold), clipped to [0, 1]: comparable in meaning, not calibrated.
-    ``scale``: the tile's pixel size over the model's (``rules`` already at the tile's scale)."""
+    ``scale``: the tile's pixel size over the model's (``rules`` already at the tile's scale).
+    ``between`` is called between steps (the service stops an abandoned request there by raising)."""
+    between = between or (lambda: None)
     if serve not in SERVE_RULES:
         raise ValueError(f"serve must be one of {', '.join(SERVE_RULES)}, not {serve!r}")
     if serve == "network":
         if probability is None:
             raise ValueError("the network's map is needed")
-        return TileAnswer(instances_from_mask(probability_foreground(probability, rules), rules, probability),
-                          probability,
-                          "network", None)
+        return TileAnswer(instances_from_mask(probability_foreground(probability, rules), rules, probability, between),
+                          probability, "network", None)
     density, cut = stain_density(rgb, STAIN_SIGMA / scale)
+    between()
     stain_region = density > cut
     check = None
     if serve == "network-or-classical" and probability is not None:
         foreground = probability_foreground(probability, rules)
         check = check_map(foreground, stain_region)
         if check.passed:
-            return TileAnswer(instances_from_mask(foreground, rules, probability), probability, "network", check)
+            return TileAnswer(instances_from_mask(foreground, rules, probability, between), probability, "network",
+                              check)
     confidence = np.clip(density / (2.0 * cut), 0.0, 1.0) if cut > 0 else np.zeros_like(density)
-    return TileAnswer(instances_from_mask(stain_region, rules, density), confidence.astype(np.float32), "classical",
-                      check)
+    return TileAnswer(instances_from_mask(stain_region, rules, density, between), confidence.astype(np.float32),
+                      "classical", check)

@@ -61,6 +61,7 @@ def decode_image(data: bytes | str | os.PathLike[str], max_pixels: int = DEFAULT
             if width * height > max_pixels:
                 raise ImageTooLargeError(f"image is {width}x{height} pixels, above the limit of {max_pixels}")
             im.load()  # pixels now in memory: the image outlives the closed source without a copy
+            im = upright(im)
             return im if im.mode in ("RGB", "RGBA", "L", "I;16", "I", "F", "LA", "P") else im.convert("RGB")
     except ImageDecodeError:
         raise
@@ -72,6 +73,21 @@ def decode_image(data: bytes | str | os.PathLike[str], max_pixels: int = DEFAULT
         raise ImageDecodeError(f"image could not be decoded: {e}") from None
     except Exception as e:  # a decoder failing in its own way on crafted input is still the input's fault
         raise ImageDecodeError(f"image could not be decoded ({type(e).__name__}: {e})") from None
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: a camera's EXIF orientation tag (phone photographs of
+    dermoscopy, JPEGs from slide scanners) applied to the pixels, so training and serving see the
+    same tissue the same way up. Images without the tag (nearly all tiles) are returned as they are."""
+    from PIL import ImageOps
+
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to refuse the pixels
+        return image
+    if orientation in (None, 1):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -140,9 +140,11 @@ def otsu_foreground(values: np.ndarray) -> np.ndarray:
 
 
 def instances_from_mask(foreground: np.ndarray, rules: InstanceRules = InstanceRules(),
-                        score: np.ndarray | None = None) -> np.ndarray:
+                        score: np.ndarray | None = None, between: Callable[[], None] | None = None) -> np.ndarray:
     """Binary nuclei mask -> int32 label image (0 = background, 1..N = nuclei). ``score``: the map the
-    mask was cut from, needed when the rules' markers come from the map."""
+    mask was cut from, needed when the rules' markers come from the map. ``between`` is called
+    between the steps (the service stops an abandoned request there by raising)."""
+    between = between or (lambda: None)
     if rules.markers not in ("distance", "map"):
         raise ValueError(f"markers must be 'distance' or 'map', not {rules.markers!r}")
     if rules.markers == "map" and score is None:
@@ -167,20 +169,28 @@ def instances_from_mask(foreground: np.ndarray, rules: InstanceRules = InstanceR
         return np.zeros(mask.shape, np.int32)
     if not rules.min_distance:
         return ndi.label(mask)[0].astype(np.int32)
+    between()
     if rules.markers == "map":
         relief = ndi.gaussian_filter(np.asarray(score, dtype=np.float32), rules.marker_sigma)
     else:
         relief = ndi.distance_transform_edt(mask)
     components = ndi.label(mask)[0]
+    between()
     peaks = peak_local_max(relief, min_distance=rules.min_distance, labels=components, exclude_border=False)
+    between()
     markers = np.zeros(mask.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    # A component with no peak (flat, tiny) still becomes one nucleus.
+    # A component with no peak (flat, tiny) still becomes one nucleus: marked at its first pixel
+    # (found inside the component's bounding box, not by scanning the whole tile per component).
     unmarked = np.setdiff1d(np.unique(components[mask]), np.unique(components[tuple(peaks.T)]))
-    for i, c in enumerate(unmarked, start=len(peaks) + 1):
-        ys, xs = np.nonzero(components == c)
-        markers[ys[0], xs[0]] = i
+    if len(unmarked):
+        boxes = ndi.find_objects(components)
+        for i, c in enumerate(unmarked, start=len(peaks) + 1):
+            box = boxes[c - 1]
+            ys, xs = np.nonzero(components[box] == c)
+            markers[box[0].start + ys[0], box[1].start + xs[0]] = i
     labels = watershed(-relief, markers, mask=mask)
+    between()
     return relabel(labels)
 
 

@@ -1,13 +1,23 @@
-"""ASGI middleware of the HTTP API: request ids and JSON request logs, a request-body limit, API keys.
+"""ASGI middleware of the HTTP API: request ids, JSON request logs and one error shape; API keys; the
+request body read under a size limit and a deadline; the client watched for disconnects.
 
-Pure ASGI (not Starlette's BaseHTTPMiddleware) so that streamed bodies and responses pass untouched.
-Added to the BentoML service with ``add_asgi_middleware``; the first added is the outermost, so the
-request log also records the 401s and 413s that the inner ones answer.
+Pure ASGI (not Starlette's BaseHTTPMiddleware) so that bodies and responses pass untouched.
+Added to the BentoML service with ``add_asgi_middleware``; the first added is the outermost:
+
+    RequestContextMiddleware   id, log line, deadline, every 4xx/5xx body as {"error", "request_id"}
+    ApiKeyMiddleware           401/403 from the headers alone: no body byte is read for a caller without a key
+    BodyLimitMiddleware        reads the body (size limit while streaming, MEDCL_BODY_TIMEOUT_S deadline),
+                               then watches the connection so a client that leaves stops its work
+
+The key check comes before the body so that unauthenticated clients can neither fill memory with
+large bodies nor hold the service's concurrency slots with slow ones: they get a 401 at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import logging
 import re
 import sys
@@ -19,7 +29,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medcl.auth import KeyStore
 from service import metrics
+from service.request_state import CURRENT, RequestState
 
+# The whole body must arrive within this many seconds of the request's start (slow-body clients).
+BODY_TIMEOUT_S = float(os.environ.get("MEDCL_BODY_TIMEOUT_S", 60))
+
+log = logging.getLogger("medcl.service")
 REQUEST_ID: ContextVar[str] = ContextVar("medcl_request_id", default="-")
 PRINCIPAL: ContextVar[str] = ContextVar("medcl_principal", default="-")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -59,9 +74,59 @@ def _endpoint(path: str) -> str:
     return first if first in _KNOWN else "/other"
 
 
+def error_message(body: bytes, status: int) -> str:
+    """The one message of an error body, whatever shape its producer gave it: our {"error": ...},
+    BentoML's 1-element array, pydantic's list of validation errors, Starlette's {"detail": ...}."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        return body.decode("utf-8", "replace").strip()[:2000] or _phrase(status)
+    while isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict) and "error" in data[0]:
+        data = data[0]
+    if isinstance(data, dict):
+        message = str(data.get("error") or data.get("message") or "")
+        detail = data.get("detail")
+        if isinstance(detail, list):
+            described = _validation_errors(detail)
+            message = f"{message}: {described}" if message and described else (message or described)
+        elif detail and not message:
+            message = str(detail)
+        return message or _phrase(status)
+    if isinstance(data, list):
+        return _validation_errors(data) or _phrase(status)
+    return str(data) if data is not None else _phrase(status)
+
+
+def _validation_errors(errors: list) -> str:
+    parts = []
+    for e in errors[:10]:
+        if isinstance(e, dict):
+            where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body",))
+            parts.append(f"{where}: {e.get('msg', '')}" if where else str(e.get("msg", "")))
+        else:
+            parts.append(str(e))
+    return "; ".join(parts)
+
+
+def _phrase(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"
+
+
+def metric_path(path: str) -> str:
+    """The route name BentoML's request metrics may carry: probes and known routes, else "/other"."""
+    return path if path in OPEN_PATHS else _endpoint(path)
+
+
 class RequestContextMiddleware:
-    """Gives every request an id (the client's X-Request-ID when sane, else a new one), returns it in
-    the response, and writes one JSON line per request: id, method, path, status, duration, caller."""
+    """Gives every request an id (the client's X-Request-ID when sane, else a new one) and a deadline
+    (service/request_state.py), returns the id in the response, answers every error as
+    ``{"error": message, "request_id": id}`` whichever layer produced it, and writes one JSON line per
+    request: id, method, path, status (499 where the client left first), duration, caller."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -72,40 +137,73 @@ class RequestContextMiddleware:
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _VALID_ID.match(given) else uuid.uuid4().hex
+        state = RequestState.starting_now()
         id_token, principal_token = REQUEST_ID.set(request_id), PRINCIPAL.set("-")
+        state_token = CURRENT.set(state)
         status = 500
         start = time.perf_counter()
+        held: Message | None = None  # an error's response start, held until its body is rewritten
+        error_body: list[bytes] = []
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, held
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
+                if status >= 400:
+                    held = message
+                    return
+            elif message["type"] == "http.response.body" and held is not None:
+                error_body.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                body = json.dumps({"error": error_message(b"".join(error_body), status),
+                                   "request_id": request_id}).encode()
+                headers = [(k, v) for k, v in held["headers"] if k.lower() not in (b"content-length", b"content-type")]
+                await send({**held, "headers": [*headers, (b"content-type", b"application/json"),
+                                                (b"content-length", str(len(body)).encode())]})
+                held = None
+                message = {"type": "http.response.body", "body": body}
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:  # noqa: BLE001 - a bug must still answer, in the one error shape, and be logged
+            log.exception("request %s %s failed", scope.get("method"), scope.get("path", "")[:200])
+            if status == 500 and held is None:  # nothing sent yet
+                body = json.dumps({"error": "internal error; the service log has the details",
+                                   "request_id": request_id}).encode()
+                await send({"type": "http.response.start", "status": 500,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode()),
+                                        (b"x-request-id", request_id.encode())]})
+                await send({"type": "http.response.body", "body": body})
         finally:
             path = scope.get("path", "")
             if path not in OPEN_PATHS:  # probes every few seconds would drown the log
                 seconds = time.perf_counter() - start
-                metrics.REQUEST_SECONDS.labels(_endpoint(path), f"{status // 100}xx").observe(seconds)
+                logged = 499 if state.disconnected.is_set() else status
+                metrics.REQUEST_SECONDS.labels(_endpoint(path), f"{logged // 100}xx").observe(seconds)
                 self.log.info(json.dumps({
                     "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", "request_id": request_id,
-                    "method": scope.get("method"), "path": path, "status": status,
+                    "method": scope.get("method"), "path": path[:200], "status": logged,
                     "ms": round(seconds * 1000, 1), "caller": PRINCIPAL.get(),
                 }))
+            CURRENT.reset(state_token)
             REQUEST_ID.reset(id_token)
             PRINCIPAL.reset(principal_token)
 
 
 class BodyLimitMiddleware:
-    """413 for bodies above ``max_bytes``: by Content-Length before reading, or while reading a chunked
-    body (buffered up to the limit, then replayed), so an endless upload cannot fill memory or disk."""
+    """Reads the whole request body before the handler sees it: 413 above ``max_bytes`` (by
+    Content-Length before reading, or as soon as a chunked body passes it), 408 when the body has
+    not arrived within ``timeout_s``. Then watches the connection: a client that disconnects while
+    its request is being worked on sets the request's flag (service/request_state.py), which stops
+    the work at its next step. Sits inside the key check, so only authenticated bodies are read."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = BODY_TIMEOUT_S) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,27 +217,50 @@ class BodyLimitMiddleware:
             if int(length) > self.max_bytes:
                 metrics.ERRORS.labels(_endpoint(scope["path"]), "body_too_large").inc()
                 return await _reply(send, 413, too_big)
-            return await self.app(scope, receive, send)
-        if scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS"):
-            return await self.app(scope, receive, send)
-        chunks, size = [], 0
+        body = bytearray()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                metrics.ERRORS.labels(_endpoint(scope["path"]), "body_timeout").inc()
+                return await _reply(send, 408, f"the request body did not arrive within {self.timeout_s:g} s "
+                                               "(MEDCL_BODY_TIMEOUT_S)", [(b"connection", b"close")])
             if message["type"] == "http.disconnect":
                 return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
                 metrics.ERRORS.labels(_endpoint(scope["path"]), "body_too_large").inc()
-                return await _reply(send, 413, too_big)
+                return await _reply(send, 413, too_big, [(b"connection", b"close")])
             if not message.get("more_body", False):
                 break
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+        del body
+        state = CURRENT.get()
+        responding = False
+
+        async def watch() -> Message:
+            message = await receive()  # uvicorn answers this only when the client leaves or the response ends
+            if message["type"] == "http.disconnect" and not responding and state is not None:
+                state.disconnected.set()
+            return message
+
+        watcher = asyncio.ensure_future(watch())
 
         async def replayed() -> Message:
-            return replay.pop() if replay else await receive()
+            return replay.pop() if replay else await asyncio.shield(watcher)
 
-        await self.app(scope, replayed, send)
+        async def send_marked(message: Message) -> None:
+            nonlocal responding
+            if message["type"] == "http.response.start":
+                responding = True
+            await send(message)
+
+        try:
+            await self.app(scope, replayed, send_marked)
+        finally:
+            watcher.cancel()
 
 
 def required_scope(method: str, path: str) -> str:

@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 import aiohttp
 import bentoml
 import numpy as np
+from bentoml._internal.context import server_context
 from PIL import Image as PILImage
 from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, ServiceUnavailable
 from pydantic import BaseModel, Field
@@ -34,9 +35,9 @@ from medcl.answers import softmax
 from medcl.answers import top_k as most_probable  # `top_k` is the API's parameter name
 from medcl.card import Card
 from medcl.index import index_root, open_index
-from medcl.index.schema import (CaseIndexError, CaseMetadata, DuplicateId, SearchFilter, SearchResult,
+from medcl.index.schema import (CaseIndexError, CaseMetadata, CaseRecord, DuplicateId, SearchFilter, SearchResult,
                                 VersionMismatch)
-from medcl.index.sources import store_source
+from medcl.index.sources import check_client_source, store_source
 from medcl.preprocess import (DEFAULT_MAX_PIXELS, SERVICE_FORMATS, ImageDecodeError, ImageTooLargeError, decode_image,
                               normalise, to_model_pixels, to_rgb)
 from medcl.nuclei_check import answer_tile
@@ -48,8 +49,12 @@ from service.cases import extra_app
 from service.batching import MicroBatcher
 from service.drift_monitor import DriftMonitor
 from service.fast_paths import cache_media_types
-from service.hardening import defer_session_close, harden_multipart_parsing
-from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from service.hardening import (bound_request_metric_labels, defer_session_close, harden_multipart_parsing,
+                               quiet_client_errors, refuse_deep_json)
+from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware, metric_path
+from service.launch import exit_with_parent
+from service.openapi import serve_complete_openapi
+from service.request_state import REQUEST_TIMEOUT_S, check_alive
 from service.package import ModelPackage
 from service.registry import ModelsConfig, configured_models
 
@@ -64,9 +69,17 @@ MAX_PIXELS = int(os.environ.get("MEDCL_MAX_PIXELS", DEFAULT_MAX_PIXELS))
 MAX_BATCH_SIZE = int(os.environ.get("MEDCL_MAX_BATCH_SIZE", 64))
 SHED_AFTER_MS = int(os.environ.get("MEDCL_SHED_AFTER_MS", 20_000))
 MAX_BODY_BYTES = int(os.environ.get("MEDCL_MAX_BODY_BYTES", 256 * 1024 * 1024))
+# Amplifiers: a small request must not buy a large answer. Vectors count like images; a search's
+# answer holds queries x k hits (each a full case record); /segment's work grows with its pixels.
+MAX_SEARCH_HITS = int(os.environ.get("MEDCL_MAX_SEARCH_HITS", 10_000))
 # API keys (medcl/auth.py): on unless MEDCL_AUTH=off. A malformed key file stops the start here.
 KEYS: KeyStore | None = None if auth_disabled() else KeyStore.from_environment()
+if server_context.worker_index is not None:  # a worker process (not the launcher reading the definition)
+    exit_with_parent()
 harden_multipart_parsing()
+refuse_deep_json()
+bound_request_metric_labels(metric_path)
+quiet_client_errors()
 defer_session_close()
 cache_media_types()
 IMAGES_BASE64 = Field(default_factory=list, description="Images as base64 strings (a data: URI prefix is accepted), "
@@ -94,7 +107,8 @@ class CasesAdded(BaseModel):
 
 
 MODEL_FIELD = Field(None, description="Which served model (GET /models lists them); default: the configured default")
-MAX_SEGMENT_PIXELS = int(os.environ.get("MEDCL_MAX_SEGMENT_PIXELS", 4096 * 4096))
+MAX_SEGMENT_PIXELS = int(os.environ.get("MEDCL_MAX_SEGMENT_PIXELS", 4096 * 4096))  # per image
+MAX_SEGMENT_REQUEST_PIXELS = int(os.environ.get("MEDCL_MAX_SEGMENT_REQUEST_PIXELS", 2 * 4096 * 4096))  # all images
 
 
 class ClassScore(BaseModel):
@@ -291,7 +305,11 @@ def segmenter_service(name: str, package_dir: Path) -> type:
             package = self.slots.get(slot)
             spec = package.card.segmentation
             start = time.perf_counter()
-            result = sliding_window(image, lambda b: package.run(b, "nuclei"), spec.window, spec.receptive_radius)[0]
+            def run(windows: np.ndarray) -> np.ndarray:
+                check_alive()  # between windows: a large tile's work stops soon after its client leaves
+                return package.run(windows, "nuclei")
+
+            result = sliding_window(image, run, spec.window, spec.receptive_radius)[0]
             metrics.INFERENCE_SECONDS.labels(name, "nuclei").observe(time.perf_counter() - start)
             return result
 
@@ -556,8 +574,11 @@ class Medcl:
 
     def _prepare(self, uploads: list[tuple[str, bytes]], endpoint: str, active: Active) -> np.ndarray:
         preprocess = active.card.preprocess
-        pixels = [to_model_pixels(self._decode(i, name, data, endpoint), preprocess)
-                  for i, (name, data) in enumerate(uploads)]
+        pixels = []
+        for i, (name, data) in enumerate(uploads):
+            if i % 16 == 0:
+                check_alive()
+            pixels.append(to_model_pixels(self._decode(i, name, data, endpoint), preprocess))
         metrics.IMAGES.labels(endpoint, active.name).inc(len(pixels))
         return normalise(np.stack(pixels), preprocess)
 
@@ -627,13 +648,18 @@ class Medcl:
         rules = InstanceRules.of(spec).at_scale(factor)
         rule = spec.serve if method == "auto" else method
         out = []
-        for i, (filename, data) in enumerate(self._uploads(images, images_base64, "segment")):
+        uploads = self._uploads(images, images_base64, "segment")
+        self._check_segment_pixels(uploads)
+        for i, (filename, data) in enumerate(uploads):
+            check_alive()  # a client that left, or a request past its deadline, stops here
             image = to_rgb(self._decode(i, filename, data, "segment", MAX_SEGMENT_PIXELS))
             rgb, used = as_brightfield(np.asarray(image), modality)
             work = image if used == "brightfield" else PILImage.fromarray(rgb)
             probability = (None if rule == "classical"
                            else self._nuclei_map(active, work, spec.pixel_size_um, pixel_size_um))
-            answer = answer_tile(probability, rgb, rules, rule, scale=factor)
+            check_alive()
+            answer = answer_tile(probability, rgb, rules, rule, scale=factor, between=check_alive)
+            check_alive()
             labels = answer.labels
             nuclei = describe_instances(labels, pixel_size_um, probability=answer.confidence,
                                         offset=(offset_x, offset_y), model_version=card.version)
@@ -652,6 +678,26 @@ class Medcl:
                 model=name, model_version=card.version))
         metrics.observe_request(name, "segment", started)
         return out
+
+    @staticmethod
+    def _check_segment_pixels(uploads: list[tuple[str, bytes]]) -> None:
+        """413 before any work when the images of one /segment request hold more pixels than
+        MEDCL_MAX_SEGMENT_REQUEST_PIXELS together (read from the headers; undecodable ones are
+        refused later with their own message)."""
+        import io
+
+        total = 0
+        for _, data in uploads:
+            try:
+                with PILImage.open(io.BytesIO(data)) as im:
+                    total += im.width * im.height
+            except Exception:  # noqa: BLE001 - decoding reports it with the image's name
+                continue
+        if total > MAX_SEGMENT_REQUEST_PIXELS:
+            metrics.ERRORS.labels("segment", "too_many_pixels").inc()
+            raise PayloadTooLarge(f"the images hold {total} pixels together; one /segment request takes at most "
+                                  f"{MAX_SEGMENT_REQUEST_PIXELS} (MEDCL_MAX_SEGMENT_REQUEST_PIXELS): send fewer "
+                                  "per request")
 
     def _nuclei_map(self, active: Active, image, model_um: float | None, tile_um: float | None) -> np.ndarray:
         """The nuclei map at the tile's own pixels. A tile at another resolution than the model's
@@ -703,6 +749,10 @@ class Medcl:
             metrics.ERRORS.labels(endpoint, "images_and_vectors").inc()
             raise InvalidArgument("send images or vectors, not both")
         if vectors:
+            if len(vectors) > MAX_IMAGES_PER_REQUEST:
+                metrics.ERRORS.labels(endpoint, "too_many_vectors").inc()
+                raise PayloadTooLarge(f"{len(vectors)} vectors in one request; the limit is {MAX_IMAGES_PER_REQUEST} "
+                                      "(MEDCL_MAX_IMAGES, as for images)")
             return vectors
         return self._call_model(active, "embeddings", self._prepare(uploads, endpoint, active), endpoint)
 
@@ -736,6 +786,11 @@ class Medcl:
         started = time.perf_counter()
         queries = self._query_vectors(self._uploads_or_vectors(images, images_base64, vectors, "search"), vectors,
                                       "search", active)
+        if len(queries) * k > MAX_SEARCH_HITS:
+            metrics.ERRORS.labels("search", "too_many_hits").inc()
+            raise PayloadTooLarge(f"{len(queries)} queries x k={k} asks for {len(queries) * k} hits; one request "
+                                  f"returns at most {MAX_SEARCH_HITS} (MEDCL_MAX_SEARCH_HITS): lower k or send "
+                                  "fewer queries per request")
         where = SearchFilter(label=label, case_id=case_id, slide_id=slide_id, site=site, date_from=date_from,
                              date_to=date_to)
         start = time.perf_counter()
@@ -767,6 +822,11 @@ class Medcl:
             metrics.ERRORS.labels("cases", "metadata_count").inc()
             raise InvalidArgument(f"{n} images or vectors but {len(metadata)} metadata entries")
         metadata = metadata or [CaseMetadata() for _ in range(n)]
+        try:  # before anything is stored: a refused source_uri leaves no image behind
+            metadata = [m.model_copy(update={"source_uri": check_client_source(m.source_uri)}) if m.source_uri else m
+                        for m in metadata]
+        except CaseIndexError as e:
+            raise self._index_error("cases", e) from None
         if uploads:
             root = index_root()
             metadata = [m if m.source_uri else m.model_copy(update={"source_uri": store_source(root, data)})
@@ -789,10 +849,16 @@ if PLACEMENT == "separate":
 Medcl = bentoml.asgi_app(extra_app, path="/")(
     # BentoML's own access log is off: RequestContextMiddleware writes one JSON line per request (with
     # its id and caller); the second line per request was ~5% of the event loop's py-spy samples.
-    bentoml.service(name="medcl", workers=1, threads=16, traffic={"timeout": 120, "max_concurrency": 256},
+    bentoml.service(name="medcl", workers=1, threads=16,
+                    # BentoML's own timeout answers 504 but leaves the work running; ours (MEDCL_REQUEST_TIMEOUT_S,
+                    # service/request_state.py) stops it, so BentoML's sits behind it as a backstop.
+                    traffic={"timeout": REQUEST_TIMEOUT_S + 20, "max_concurrency": 256},
                     logging={"access": {"enabled": False}})(Medcl))
 
 # Outermost first: the request log sees every answer, including the limit's 413s and the keys' 401s.
+serve_complete_openapi(ModelInfo, CaseRecord)  # GET /docs.json as the service really answers (service/openapi.py)
+
+# The key check before the body: a caller without a key gets its 401 before any body byte is read.
 Medcl.add_asgi_middleware(RequestContextMiddleware)
-Medcl.add_asgi_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
 Medcl.add_asgi_middleware(ApiKeyMiddleware, keys=KEYS, public_docs=os.environ.get("MEDCL_PUBLIC_DOCS") == "1")
+Medcl.add_asgi_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)

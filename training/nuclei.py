@@ -371,10 +371,10 @@ def training_images(data: SegmenterData) -> tuple[list[Path], list[np.ndarray]]:
 def read_rgb(path: Path, scale: float = 1.0) -> np.ndarray:
     from PIL import Image
 
-    from medcl.preprocess import to_rgb
+    from medcl.preprocess import to_rgb, upright
 
     with Image.open(path) as im:
-        im = to_rgb(im)  # the service's rules: alpha composited on white, 16-bit rescaled
+        im = to_rgb(upright(im))  # the service's rules: EXIF orientation, alpha on white, 16-bit rescaled
         if scale != 1.0:
             im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
         return np.asarray(im, dtype=np.uint8)

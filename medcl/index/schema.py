@@ -45,8 +45,9 @@ class CaseMetadata(BaseModel):
     slide_id: str | None = Field(None, max_length=256)
     site: str | None = Field(None, max_length=256, description="Acquiring site or lab")
     label: str | None = Field(None, max_length=256, description="Diagnosis or class of the tile")
-    x: int | None = Field(None, ge=0, description="Tile position in the slide (pixels)")
-    y: int | None = Field(None, ge=0)
+    # Bounded so that every index backend can store them (SQLite and Milvus integers are 64-bit).
+    x: int | None = Field(None, ge=0, le=2**53, description="Tile position in the slide (pixels)")
+    y: int | None = Field(None, ge=0, le=2**53)
     source_uri: str | None = Field(None, max_length=2048, description="Where the tile's image can be read again")
     date: datetime | None = Field(None, description="Date of the case (ISO 8601); filters use it")
 
