@@ -216,7 +216,7 @@ def search_amplifier(server: Server, dim: int) -> list[dict]:
                        headers=AUTH, timeout=120)
         r.raise_for_status()
     rows = []
-    for queries, k in ((400, 1000), (3000, 10)):
+    for queries, k in ((400, 1000), (200, 1000), (3000, 10)):
         vectors = rng.normal(size=(queries, dim)).round(4).tolist()
         with PeakMemory(server.pid) as mem:
             start = time.perf_counter()

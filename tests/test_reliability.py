@@ -318,3 +318,19 @@ def test_launcher_killed_takes_its_workers_and_metrics_are_per_service(tiny_pack
             "workers outlived their launcher"
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{second.url}/readyz", timeout=2)
+
+
+def test_the_bento_carries_every_serving_dependency() -> None:
+    """A containerised Bento installs bentofile.yaml's list: a package the service imports but the list
+    lacks fails there at the first request that needs it (shapely, on /segment)."""
+    import re
+    import tomllib
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    serve = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+    bento = yaml.safe_load((root / "bentofile.yaml").read_text())["python"]["packages"]
+    name = lambda spec: re.split(r"[<>=!\[ ]", spec, maxsplit=1)[0].lower()  # noqa: E731
+    missing = {name(s) for s in serve} - {name(s) for s in bento} - {"bentoml"}  # the image brings bentoml
+    assert not missing, f"bentofile.yaml lacks {sorted(missing)} of pyproject's serve extra"
