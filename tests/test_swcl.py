@@ -95,3 +95,40 @@ def test_an_experiment_teacher_must_name_another_entry(tmp_path: Path) -> None:
                       "seeds: [0]\nmethods:\n  - {label: swcl, method: swcl, teacher: nobody}\n")
     with pytest.raises(ExperimentError, match="teacher 'nobody'"):
         run_experiment(config, progress=False)
+
+
+def test_each_patch_shows_the_region_its_label_names_in_both_views(tiny_run: Path) -> None:
+    """Four quadrants of four colours: at patch_fraction 0.5 each corner patch is one quadrant. Every
+    view the model sees of a corner patch must be that quadrant's colour (flips, rotations and crops
+    act on the patch, not on the image it was cut from), and the centre patch shows all four."""
+    size = 32
+    colours = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], dtype=torch.uint8)
+    image = torch.zeros(size, size, 3, dtype=torch.uint8)
+    half = size // 2
+    for q, (r, c) in enumerate([(0, 0), (0, half), (half, 0), (half, half)]):
+        image[r:r + half, c:c + half] = colours[q]
+    images = image.repeat(4, 1, 1, 1)
+    method = SWCL(MethodConfig(name="swcl", teacher=str(tiny_run), patch_fraction=0.5))
+    seen: list[torch.Tensor] = []
+
+    class Capture(torch.nn.Module):
+        def forward(self, x: torch.Tensor):
+            seen.append(x)
+            emb = torch.nn.functional.normalize(x.flatten(1)[:, :16] + 1e-3, dim=1)
+            return torch.zeros(x.shape[0], 2), emb
+
+    ctx = StepContext(step=0, generator=torch.Generator().manual_seed(0),
+                      augment=AugmentSpec(colour_jitter=0.0, hed_theta=0.0), preprocess=PreprocessSpec(input_size=size),
+                      total_steps=10)
+    method.loss_terms(Capture(), Batch(labelled=images, labels=torch.zeros(4, dtype=torch.long), unlabelled=None), ctx)
+    pixels = seen[0] * torch.tensor(ctx.preprocess.std).view(1, 3, 1, 1) + torch.tensor(ctx.preprocess.mean).view(1, 3, 1, 1)
+    n = images.shape[0]
+    views = pixels.view(2, 5 * n, 3, size, size)
+    for view in views:
+        for position in range(4):  # the corners
+            patches = view[position * n:(position + 1) * n]
+            expected = colours[position].float().div(255).view(1, 3, 1, 1)
+            inside = patches[:, :, 4:-4, 4:-4]  # away from the edges an affine's fill may reach
+            assert torch.allclose(inside, expected.expand_as(inside), atol=0.02), position
+        centre = view[4 * n:]
+        assert len({tuple(c.tolist()) for c in centre[0, :, 2:-2:4, 2:-2:4].flatten(1).T.round(decimals=1)}) >= 3

@@ -205,7 +205,9 @@ class SWCL:
     """SWCL stage 3 (docs/methods.md): multi-label supervised contrastive pretraining on patches.
 
     Every image (labelled, and unlabelled with the stage-1 teacher's pseudo-label) is cut at five fixed
-    positions (four corners and the centre) in each of two views; a patch's label set is its position
+    positions (four corners and the centre) before any augmentation, and each patch then gets two
+    augmented views of its own (flips, rotations and crops of a patch still show its region); a
+    patch's label set is its position
     and its abnormality (its image is abnormal and the teacher scores the patch at or above the
     threshold). Positives share the label set; a patch's other view is always a positive. Unlabelled
     images below ``pseudo_threshold`` confidence keep only that view positive.
@@ -260,11 +262,20 @@ class SWCL:
         kept = (confidence >= (cfg.pseudo_threshold or 0.0)).repeat(self.positions)
         return position * 2 + abnormal.long(), kept
 
+    def patch_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> uint8 (5N, H, W, 3): the patches cut from the images as they are,
+        position-major, each resized back to the input size (the pixels the views are made from)."""
+        cut = self.patches(to_float(images)).mul_(255.0).round_().clamp_(0, 255)
+        return cut.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
     def loss_terms(self, model: EncoderClassifier, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         images = batch.labelled if batch.unlabelled is None else torch.cat([batch.labelled, batch.unlabelled])
         label_id, kept = self.patch_labels(images, batch.labels, ctx)
-        views = _views(images, ctx, ("weak", "strong"))
-        _, emb = model(torch.cat([self.patches(v) for v in views]))
+        # Patches are cut from the untransformed image first and each patch is augmented on its own:
+        # cut after a flip or rotation, a "top-left" patch would show another region than the one its
+        # label (computed on the clean image) names, and its two views would show different regions.
+        views = _views(self.patch_pixels(images), ctx, ("weak", "strong"))
+        _, emb = model(torch.cat(views))
         ids, keep = label_id.repeat(2), kept.repeat(2)
         mask = (positives_from_labels(ids) & keep[:, None] & keep[None, :]) | \
             positives_from_views(label_id.shape[0], 2, emb.device)
