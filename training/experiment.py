@@ -138,11 +138,25 @@ def _run_settings(base: Path, overrides: dict[str, Any]) -> dict:
     return settings
 
 
+def _revision(method: str) -> int:
+    from training.methods import method_revision
+
+    return method_revision(method)
+
+
+def _run_name(experiment: str, label: str, method: str, fraction: float, seed: int) -> str:
+    """A run's folder name; a method's later revision trains into new folders (never a stale reuse)."""
+    revision = _revision(method)
+    return f"{experiment}-{label}-{_pct(fraction)}-s{seed}" + (f"-r{revision}" if revision > 1 else "")
+
+
 def _cell_settings(config: ExperimentConfig, base: Path, entry: MethodEntry, by_label: dict[str, MethodEntry],
                    fraction: float, seed: int) -> dict:
     """Every run behind one reported number (teacher, the run, its fine-tune), as YAML settings."""
     common = {**config.set, "seed": seed, "data.label_fraction": fraction}
     settings = {"run": _run_settings(base, {**common, **entry.set, "method.name": entry.method})}
+    if _revision(entry.method) > 1:  # only then: the cells of unchanged methods keep their fingerprints
+        settings["revision"] = _revision(entry.method)
     if entry.teacher is not None:
         teacher = by_label[entry.teacher]
         settings["teacher"] = _run_settings(base, {**common, **teacher.set, "method.name": teacher.method})
@@ -189,13 +203,13 @@ def run_experiment(path: str | Path, progress: bool = True, fractions: list[floa
         for fraction in config.label_fractions:
             for seed in config.seeds:
                 done += 1
-                name = f"{config.name}-{entry.label}-{_pct(fraction)}-s{seed}"
+                name = _run_name(config.name, entry.label, entry.method, fraction, seed)
                 print(f"medcl: experiment {config.name}: run {done}/{total}: {name}", flush=True)
                 common = {**config.set, "seed": seed, "data.label_fraction": fraction, "output_dir": str(out_dir)}
                 first = {**common, **entry.set, "method.name": entry.method, "name": name}
                 if entry.teacher is not None:
                     teacher = by_label[entry.teacher]
-                    teacher_name = f"{config.name}-{teacher.label}-{_pct(fraction)}-s{seed}"
+                    teacher_name = _run_name(config.name, teacher.label, teacher.method, fraction, seed)
                     teacher_dir = _train(base, {**common, **teacher.set, "method.name": teacher.method,
                                                 "name": teacher_name}, progress)
                     first["method.teacher"] = str(teacher_dir)

@@ -282,6 +282,16 @@ class SWCL:
         return {"supcon_patch": supcon(emb, mask, self.config.tau_patch)}
 
 
+# A method's revision is bumped when a change to its code changes what it trains (a fix, not a new
+# setting): experiments then neither reuse its earlier runs nor keep its earlier result rows.
+# SWCL 2: patches cut before augmentation (revision 1 cut them from already flipped/rotated views).
+REVISIONS: dict[str, int] = {"swcl": 2}
+
+
+def method_revision(name: str) -> int:
+    return REVISIONS.get(name, 1)
+
+
 METHODS: dict[str, type] = {"cross_entropy": CrossEntropy, "supcon": SupCon, "s5cl": S5CL,
                             "srcl": MeanTeacherRelations, "srcl_pretrain": MeanTeacherRelations,
                             "mean_teacher": MeanTeacherRelations, "swcl": SWCL}
