@@ -137,7 +137,46 @@ def test_mean_teacher_follows_the_student_by_ema_and_the_weight_ramps() -> None:
     assert method.ramp(ctx(0)) == pytest.approx(torch.exp(torch.tensor(-5.0)).item())
     assert method.ramp(ctx(40)) == pytest.approx(1.0) and method.ramp(ctx(99)) == pytest.approx(1.0)
     relation = method.relation(torch.randn(6, 4))
-    assert relation.shape == (6, 6) and torch.allclose(relation.diagonal(), torch.ones(6), atol=1e-5)
+    assert relation.shape == (6, 6) and torch.allclose(relation.norm(dim=1), torch.ones(6), atol=1e-5)
+
+
+def test_srcl_terms_match_an_independent_src_mt_implementation() -> None:
+    """The relation and consistency terms against SRC-MT's definitions written out in numpy: G = A A^T of
+    the raw pooled features, each row divided by its L2 norm, sum of squared differences over B; softmax
+    MSE weighted per class by 10000 / count_c, over B."""
+    import numpy as np
+
+    from training.config import MethodConfig
+    from training.methods import MeanTeacherRelations
+    from training.models import create_model
+    from medcl.card import ArchitectureSpec
+
+    rng = np.random.default_rng(0)
+    student, teacher = rng.normal(size=(6, 5)) * 3.0, rng.normal(size=(6, 5)) * 3.0
+
+    def relation(a: np.ndarray) -> np.ndarray:
+        gram = a @ a.T
+        return gram / np.sqrt((gram ** 2).sum(axis=1, keepdims=True))
+
+    expected = ((relation(student) - relation(teacher)) ** 2).sum() / 6
+    method = MeanTeacherRelations(MethodConfig(name="srcl"))
+    got = ((method.relation(torch.tensor(student)) - method.relation(torch.tensor(teacher))) ** 2).sum() / 6
+    assert got.item() == pytest.approx(expected, rel=1e-9)
+    # not the cosine matrix of the earlier variant: its terms are of another size
+    cosine = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (a / np.linalg.norm(a, axis=1, keepdims=True)).T  # noqa: E731
+    assert abs(((cosine(student) - cosine(teacher)) ** 2).sum() / 6 - expected) > 0.1 * expected
+
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])  # labelled shares 3:1:2 of a training set of 600 images
+    head = method.prepare(create_model(ArchitectureSpec(width=8), 3), labels, 3, 600)
+    assert head and all(p.requires_grad for p in head)  # the NT-Xent projection head, to be optimised
+    counts = (np.array([3, 1, 2]) + 1) / (6 + 3) * 600
+    logits_s, logits_t = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
+    softmax = lambda z: np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)  # noqa: E731
+    expected = ((10000.0 / counts)[None, :] * (softmax(logits_s) - softmax(logits_t)) ** 2).sum() / 6
+    got = method.consistency(torch.tensor(logits_s, dtype=torch.float32), torch.tensor(logits_t, dtype=torch.float32))
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert MeanTeacherRelations(MethodConfig(name="mean_teacher")).prepare(
+        create_model(ArchitectureSpec(width=8), 3), labels, 3, 600) == []  # no head without NT-Xent
 
 
 def test_a_config_fingerprint_survives_new_optional_fields() -> None:

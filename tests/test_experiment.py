@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_a_sweep_writes_tables_plots_and_the_summary_and_resumes(tmp_path: Path)
     # the fine-tuned run started from the pretraining run's weights
     finetune = json.loads((Path(report["rows"][-1]["run"]) / "card.json").read_text())
     assert finetune["method"] == "cross_entropy"
-    assert finetune["training"]["pretrained"].endswith("tiny-sweep-srcl_pft-10pct-s1/model.safetensors")
+    assert re.search(r"tiny-sweep-srcl_pft-10pct-s1(-r\d+)?/model\.safetensors$", finetune["training"]["pretrained"])
     # a second call reuses every finished run: nothing is trained again
     stamps = {r["run"]: (Path(r["run"]) / "metrics.json").stat().st_mtime_ns for r in report["rows"]}
     again = run_experiment(config, progress=False)

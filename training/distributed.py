@@ -108,16 +108,16 @@ class ShardedForward(nn.Module):
     def module(self) -> nn.Module:
         return self.ddp.module
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, **kwargs):
         if not self.training:
-            return self.ddp.module(x)
+            return self.ddp.module(x, **kwargs)
         from torch.distributed.nn.functional import all_gather
 
         world, rank = self.context.world, self.context.rank
         if x.shape[0] % world:
             raise ValueError(f"a batch of {x.shape[0]} images does not split over {world} processes; "
                              "make the batch sizes multiples of the process count")
-        outputs = self.ddp(x.chunk(world)[rank])
+        outputs = self.ddp(x.chunk(world)[rank], **kwargs)
         single = isinstance(outputs, torch.Tensor)
         gathered = [torch.cat(all_gather(o.contiguous())) for o in ((outputs,) if single else outputs)]
         return gathered[0] if single else tuple(gathered)

@@ -119,9 +119,10 @@ def code_version() -> str:
         return "unknown"
 
 
-def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(config: TrainConfig, model: torch.nn.Module,
+                   extra: list[torch.nn.Parameter] | None = None) -> torch.optim.Optimizer:
     o = config.optim
-    params = model.parameters()
+    params = [*model.parameters(), *(extra or [])]
     if o.name == "adamax":
         return torch.optim.Adamax(params, lr=o.lr, weight_decay=o.weight_decay)
     if o.name == "adam":
@@ -189,9 +190,18 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
             load_weights(model, Path(config.init_from))
         except RuntimeError as e:  # shapes differ: another architecture or class count
             raise DataError(f"init_from {config.init_from} does not fit this model: {str(e).splitlines()[0]}") from None
-    optimizer = make_optimizer(config, model)
-    net = ShardedForward(model, group) if group else model  # what the method calls
     method = create_method(config.method)
+    extra: list[torch.nn.Parameter] = []
+    if hasattr(method, "prepare"):  # parameters of the method's own (a projection head), class statistics
+        # the training set's size: labelled + unlabelled, except at 100% where the unlabelled stream
+        # is the labelled images again
+        unlabelled_count = len(data.unlabelled) if data.unlabelled is not None else 0
+        if config.data.label_fraction >= 1.0:
+            unlabelled_count = 0
+        extra = method.prepare(model, torch.from_numpy(data.labelled.labels), len(data.labelled.class_names),
+                               len(data.labelled) + unlabelled_count)
+    optimizer = make_optimizer(config, model, extra)
+    net = ShardedForward(model, group) if group else model  # what the method calls
     labelled_sampler = MPerClassSampler(data.labelled.labels, sched.labelled_batch, sched.m_per_class, config.seed)
     unlabelled_sampler = RandomBatches(len(data.unlabelled), sched.unlabelled_batch, config.seed + 1) \
         if method.uses_unlabelled and data.unlabelled is not None else None

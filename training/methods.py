@@ -130,24 +130,46 @@ class MeanTeacherRelations:
       ``cross_entropy`` and ``pretrained`` set to the pretraining run: the pretrain-then-fine-tune variant);
     - ``mean_teacher``: CE + w(t) * L_con (the mean-teacher baseline, Tarvainen & Valpola 2017).
 
-    Sample relation consistency as in SRC-MT (Liu et al., TMI 2020): the teacher's weights are an EMA of
-    the student's (alpha = min(1 - 1/(step+1), ema_decay)); R = F F^T over the batch with F the
-    row-normalised embeddings; L_rel = ||R_student - R_teacher||^2 / B; L_con = sum of squared
-    softmax differences / B; the teacher sees another augmentation (strong vs the student's weak) and
-    no gradient; w(t) = exp(-5 (1 - t/T)^2) for t < T, then 1. The class-weighted cross-entropy of the
-    paper is realised by the m-per-class labelled sampler, which shows every class equally often (what
-    inverse-frequency weights achieve in expectation); weighting those balanced batches again would
-    over-correct.
+    Sample relation consistency as SRC-MT (Liu et al., TMI 2020) defines it (docs/methods.md):
+    - the teacher's weights are an EMA of the student's, alpha = min(1 - 1/(step+1), ema_decay); it sees
+      another draw of the student's (weak) augmentation, without gradient;
+    - relations on the pooled backbone features A of the batch: G = A A^T, not normalised, then each row
+      divided by its L2 norm (``relation``); L_rel = sum_ij (R_student - R_teacher)^2 / B;
+    - L_con = sum_i sum_c w_c (p_student - p_teacher)^2 / B with class weights w_c = 10000 / count_c;
+      count_c is the class's count in the training set, estimated from the labelled images' class shares
+      (the unlabelled images' labels are not used);
+    - w(t) = exp(-5 (1 - t/T)^2) for t < T, then 1.
+    NT-Xent acts on a projection head of its own (Linear-ReLU-Linear to 128, trained with the model and
+    discarded after), on the student's weak and strong views. The class-weighted cross-entropy of the
+    paper is realised by the m-per-class labelled sampler, which shows every class equally often.
 
-    The teacher lives in the method, not in the checkpoint: a resumed run restarts it from the student.
+    The teacher and the projection head live in the method, not in the checkpoint: a resumed run
+    restarts the teacher from the student and the head from a fresh initialisation.
     """
 
     uses_unlabelled = True
+    projection_dim = 128
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
         self.name = config.name
         self.teacher: EncoderClassifier | None = None
+        self.head: torch.nn.Module | None = None
+        self.class_weights: torch.Tensor | None = None
+
+    def prepare(self, model: EncoderClassifier, labelled_labels: torch.Tensor, num_classes: int,
+                training_images: int) -> list[torch.nn.Parameter]:
+        """Before the optimiser is made: the class weights, and the projection head whose parameters
+        the optimiser must also train (returned)."""
+        counts = torch.bincount(torch.as_tensor(labelled_labels), minlength=num_classes).double()
+        share = (counts + 1.0) / (counts.sum() + num_classes)  # +1: a class absent from the labels keeps a weight
+        self.class_weights = (10000.0 / (share * training_images)).float()
+        if self.name == "mean_teacher":
+            return []
+        dim = model.embedder.out_features
+        self.head = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(),
+                                        torch.nn.Linear(dim, self.projection_dim))
+        return list(self.head.parameters())
 
     def _update_teacher(self, student: EncoderClassifier, step: int) -> EncoderClassifier:
         if self.teacher is None:
@@ -169,9 +191,15 @@ class MeanTeacherRelations:
         return math.exp(-5.0 * (1.0 - t) ** 2)
 
     @staticmethod
-    def relation(embeddings: torch.Tensor) -> torch.Tensor:
-        f = F.normalize(embeddings, dim=1)
-        return f @ f.T
+    def relation(features: torch.Tensor) -> torch.Tensor:
+        """SRC-MT's sample relation matrix: the Gram matrix of the raw features, each row L2-normalised."""
+        gram = features @ features.T
+        return F.normalize(gram, p=2, dim=1)
+
+    def consistency(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        gap = student_logits.softmax(dim=1) - teacher_logits.softmax(dim=1)
+        weights = self.class_weights if self.class_weights is not None else torch.ones(gap.shape[1])
+        return (weights.to(gap.device)[None, :] * gap ** 2).sum() / gap.shape[0]
 
     def loss_terms(self, model: EncoderClassifier, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         if batch.unlabelled is None:
@@ -181,23 +209,26 @@ class MeanTeacherRelations:
         bl = batch.labels.shape[0]
         images = torch.cat([batch.labelled, batch.unlabelled])
         n = images.shape[0]
-        weak, strong = _views(images, ctx, ("weak", "strong"))
-        logits, emb = model(torch.cat([weak, strong]))
+        # the student's weak and strong views; the teacher's own draw of the weak augmentation
+        weak, strong, teacher_view = _views(images, ctx, ("weak", "strong", "weak"))
+        logits, emb, pooled = model(torch.cat([weak, strong]), features=True)
         with torch.no_grad():
-            teacher_logits, teacher_emb = teacher(strong)
-        student_logits, student_emb = logits[:n], emb[:n]  # the weak view is the student's
+            teacher_logits, _, teacher_pooled = teacher(teacher_view, features=True)
+        student_logits, student_pooled = logits[:n], pooled[:n]
         w = self.ramp(ctx)
         terms: dict[str, torch.Tensor] = {}
         if self.name != "srcl_pretrain":
             terms["ce"] = F.cross_entropy(student_logits[:bl], batch.labels)
         if self.name in ("srcl", "srcl_pretrain"):
-            terms["ntxent"] = cfg.lambda_contrastive * supcon(emb, positives_from_views(n, 2, emb.device),
+            if self.head is None:
+                raise ValueError(f"{self.name}: prepare() must run before training (it makes the projection head)")
+            projected = self.head(emb)
+            terms["ntxent"] = cfg.lambda_contrastive * supcon(projected, positives_from_views(n, 2, emb.device),
                                                               cfg.tau_ntxent)
-            difference = self.relation(student_emb) - self.relation(teacher_emb)
+            difference = self.relation(student_pooled) - self.relation(teacher_pooled)
             terms["relation"] = w * cfg.relation_weight * (difference ** 2).sum() / n
         if self.name in ("srcl", "mean_teacher"):
-            gap = student_logits.softmax(dim=1) - teacher_logits.softmax(dim=1)
-            terms["consistency"] = w * (gap ** 2).sum() / n
+            terms["consistency"] = w * self.consistency(student_logits, teacher_logits)
         return terms
 
 
@@ -285,7 +316,9 @@ class SWCL:
 # A method's revision is bumped when a change to its code changes what it trains (a fix, not a new
 # setting): experiments then neither reuse its earlier runs nor keep its earlier result rows.
 # SWCL 2: patches cut before augmentation (revision 1 cut them from already flipped/rotated views).
-REVISIONS: dict[str, int] = {"swcl": 2}
+# SRCL / mean teacher 2: SRC-MT's relation (raw Gram, rows normalised) on pooled features, class-weighted
+# consistency, the teacher on a draw of the student's augmentation, a projection head for NT-Xent.
+REVISIONS: dict[str, int] = {"swcl": 2, "srcl": 2, "srcl_pretrain": 2, "mean_teacher": 2}
 
 
 def method_revision(name: str) -> int:

@@ -145,8 +145,12 @@ class EncoderClassifier(nn.Module):
         self.embedder = nn.Linear(feature_dim, embedding_dim)
         self.classifier = nn.Linear(embedding_dim, num_classes)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.embedder(self.backbone(x))
+    def forward(self, x: torch.Tensor, features: bool = False) -> tuple[torch.Tensor, ...]:
+        """(logits, embedding); with ``features``, also the pooled backbone features (SRC-MT's relations)."""
+        pooled = self.backbone(x)
+        embedding = self.embedder(pooled)
+        if features:
+            return self.classifier(embedding), embedding, pooled
         return self.classifier(embedding), embedding
 
 
