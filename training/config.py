@@ -26,6 +26,9 @@ class DataConfig(BaseModel):
     # Folder and CSV sources have no official split: a seeded, stratified, group-safe one is made.
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # The seed of that split. Unset: the run's seed, so the test images change with the seed and a
+    # spread over seeds mixes training noise with test resampling; sweeps fix it.
+    split_seed: int | None = Field(default=None, ge=0)
     path_column: str = "path"
     # Instead of path_column: a format string over the CSV's columns, e.g. "images/{image_id}.jpg".
     path_template: str | None = None
@@ -100,7 +103,7 @@ VOLATILE_SCHEDULE = frozenset({"max_minutes", "eval_every", "checkpoint_every", 
 
 # Fields added after runs existed (see TrainConfig.fingerprint), as dotted paths.
 ADDED_LATER = ("init_from", "method.teacher", "method.patch_fraction", "method.normal_classes",
-               "method.abnormal_threshold", "method.tau_patch")
+               "method.abnormal_threshold", "method.tau_patch", "data.split_seed")
 
 
 class TrainConfig(BaseModel):

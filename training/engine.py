@@ -68,6 +68,8 @@ def load_splits(config: DataConfig, spec, seed: int) -> Splits:
         if (everything.labels == UNLABELLED).any():
             extra_unlabelled = everything.subset(np.flatnonzero(everything.labels == UNLABELLED))
             everything = everything.subset(np.flatnonzero(everything.labels != UNLABELLED))
+    if config.split_seed is not None:
+        seed = config.split_seed
     train_idx, test_idx = group_split(everything.labels, everything.groups, config.test_fraction, seed)
     train, test = everything.subset(train_idx), everything.subset(test_idx)
     val = None
