@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medcl.segmentation import (InstanceRules, _otsu_or_max, dice, haematoxylin, instances_from_mask,
+from medcl.segmentation import (InstanceRules, otsu_or_max, dice, haematoxylin, instances_from_mask,
                                 probability_foreground)
 
 MAX_COVERAGE = 0.5
@@ -65,7 +65,7 @@ def stain_density(rgb: np.ndarray, sigma: float = STAIN_SIGMA) -> tuple[np.ndarr
         from scipy import ndimage as ndi
 
         density = ndi.gaussian_filter(density, sigma)
-    return density, _otsu_or_max(density)
+    return density, otsu_or_max(density)
 
 
 def check_map(foreground: np.ndarray, stain_region: np.ndarray) -> MapCheck:

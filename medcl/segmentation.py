@@ -117,7 +117,7 @@ def network_input(rgb: np.ndarray, inputs: str = "rgb") -> np.ndarray:
     if inputs == "rgb":
         return chw
     density = haematoxylin(rgb)
-    cut = _otsu_or_max(density)
+    cut = otsu_or_max(density)
     stain = np.clip(density / (2.0 * cut), 0.0, 1.0) if cut > 0 else np.zeros_like(density)
     return np.concatenate([chw, stain[None].astype(np.float32)])
 
@@ -127,7 +127,7 @@ def network_input_channels(inputs: str) -> tuple[str, ...]:
     return ("r", "g", "b") if inputs == "rgb" else ("r", "g", "b", "haematoxylin")
 
 
-def _otsu_or_max(values: np.ndarray) -> float:
+def otsu_or_max(values: np.ndarray) -> float:
     from skimage.filters import threshold_otsu
 
     return float(threshold_otsu(values)) if float(values.max()) > float(values.min()) else float(values.max())
