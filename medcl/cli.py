@@ -65,6 +65,12 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from training.vessels import is_vessel_transfer_config, run_transfer
 
     # one runner for every sweep: classification sweeps, and the DRIVE vessel transfer (kind: vessel_transfer)
+    if args.tables_only:
+        from training.experiment import rewrite_tables
+
+        written = rewrite_tables(args.config)
+        print(json.dumps({"experiment": args.config.stem, "rewritten": str(written)}))
+        return 0
     runner = run_transfer if is_vessel_transfer_config(args.config) else run_experiment
     report = runner(args.config, progress=not args.quiet, fractions=args.fractions, methods=args.methods)
     print(json.dumps({"experiment": report["name"], "runs": len(report["rows"])}))
@@ -495,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     x_.add_argument("--fractions", type=float, nargs="+",
                     help="run only these label fractions of the config (their rows are added to the existing results)")
     x_.add_argument("--methods", nargs="+", help="run only these methods (labels) of the config")
+    x_.add_argument("--tables-only", action="store_true",
+                    help="train nothing: rewrite the results page and plot from the results JSON already there")
     x_.set_defaults(func=cmd_experiment)
 
     r = sub.add_parser("retrain", help="scheduled retraining: snapshot, train, export, gate, register, promote; "

@@ -92,3 +92,17 @@ def test_partial_sweeps_add_up_across_machines_and_drop_rows_of_changed_settings
     assert [r["label_fraction"] for r in third["rows"]] == [0.2]
     assert "1 earlier row(s)" in capsys.readouterr().out
     assert "| 10% |" not in (results / "grow.md").read_text()
+
+
+def test_paired_statistics_are_exact_and_say_when_a_sample_is_small() -> None:
+    from training.stats import paired_summary, sign_test
+
+    assert sign_test(3, 0) == pytest.approx(0.25)  # three seeds cannot reach 0.05
+    assert sign_test(5, 0) == pytest.approx(0.0625)
+    assert sign_test(8, 0) == pytest.approx(2 / 256)
+    assert sign_test(2, 1) == pytest.approx(1.0)
+    summary = paired_summary([0.05, 0.03, 0.04, 0.06, 0.02])
+    assert summary.mean == pytest.approx(0.04) and summary.ahead == 5
+    assert 0.02 <= summary.ci_low < summary.mean < summary.ci_high <= 0.06
+    mixed = paired_summary([0.05, -0.04, 0.01])
+    assert mixed.ci_low < 0 < mixed.ci_high and "2 of 3 ahead" in mixed.describe()
