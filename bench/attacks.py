@@ -40,35 +40,30 @@ AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def tree_rss_mb(pid: int) -> float:
+def _tree(pid: int) -> list[psutil.Process]:
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 2**20
+        return []
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
+def _sum_over_tree(pid: int, measure) -> float:
     total = 0.0
-    for p in procs:
+    for p in _tree(pid):
         try:
-            t = p.cpu_times()
-            total += t.user + t.system
+            total += measure(p)
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+def tree_rss_mb(pid: int) -> float:
+    return _sum_over_tree(pid, lambda p: p.memory_info().rss) / 2**20
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return _sum_over_tree(pid, lambda p: sum(p.cpu_times()[:2]))
 
 
 class PeakMemory:
