@@ -4,7 +4,8 @@ The package has a dynamic batch axis and two outputs: ``logits`` and the L2-norm
 ``embedding``. Parity (max abs difference of both outputs, top-1 agreement) is measured with
 onnxruntime on real held-out images and written into the card; if it fails the tolerance, nothing
 is written. The legacy TorchScript exporter (opset 17) is used because onnxruntime's quantisation
-tools fail on the dynamo exporter's graphs (STACK-NOTES.md), and int8 export builds on this.
+tools failed on the graphs of the newer dynamo exporter in the torch version pinned here,
+and int8 export builds on this.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The model card: one validated record that travels with every checkpoint and package.
 
 Everything the service needs to preprocess an image and name its answer comes from here, never from
-constants in service code (DESIGN.md, "Contracts that keep the stages honest").
+constants in service code: training writes it, export checks it, the service obeys it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """BentoML 1.4 service: /classify, /embed, /search, /cases and /segment over ONNX packages; no torch.
 
-Composed services (DESIGN.md, Serving): ``Medcl`` is the HTTP API (decode, validate, preprocess by
+Composed services: ``Medcl`` is the HTTP API (decode, validate, preprocess by
 the card, auth, search); each served model is its own model service holding one onnxruntime
 session (classifiers batch adaptively). BentoML runs each as a separate process, so the CPU-side
 API and every model scale separately. Which models: service/registry.py (MEDCL_MODELS_FILE,
