@@ -41,9 +41,13 @@ def multipart_images(files: list[tuple[str, bytes]], fields: dict[str, str] | No
     return Request(b"".join(parts), f"multipart/form-data; boundary={boundary}", len(files))
 
 
-def raw_image(data: bytes) -> Request:
-    """The image as the whole body (TorchServe's inference API)."""
-    return Request(data, "application/octet-stream", 1)
+def raw_image(data: bytes, filename: str | None = None) -> Request:
+    """The image as the whole body (TorchServe's inference API; the service's lean form), typed by its
+    file name's suffix when one is given, else as plain bytes."""
+    suffix = (filename or "").lower().rsplit(".", 1)[-1]
+    kind = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "tif": "image/tiff",
+            "tiff": "image/tiff"}.get(suffix, "application/octet-stream")
+    return Request(data, kind, 1)
 
 
 def run_closed_loop(url: str, requests: list[Request], concurrency: int, seconds: float,

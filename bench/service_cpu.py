@@ -1,7 +1,7 @@
 """Where the service's CPU goes under load: core-milliseconds per request, by process and by thread.
 
     python -m bench.service_cpu --package .medcl/packages/demo-bloodmnist --concurrency 32 --seconds 12 \\
-        [--env MEDCL_MODEL_PLACEMENT=separate] [--py-spy]
+        [--form raw] [--env MEDCL_MODEL_PLACEMENT=separate] [--py-spy]
 
 Starts ``medcl serve`` on the package, loads /classify with single real images (closed loop), and
 reads each process's and thread's CPU time from /proc before and after. On a machine this small,
@@ -22,7 +22,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from bench.http_load import multipart_images, run_closed_loop
+from bench.http_load import multipart_images, raw_image, run_closed_loop
 from bench.servers import bentoml_service
 from bench.speed import demo_images
 
@@ -102,10 +102,13 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=12)
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="service environment")
     p.add_argument("--py-spy", action="store_true", help="record the API process's stacks too")
+    p.add_argument("--form", choices=("multipart", "raw"), default="multipart",
+                   help="how each image is sent: a multipart form, or the image as the raw body")
     args = p.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
     images, _ = demo_images()
-    requests = [multipart_images([image]) for image in images]
+    requests = [multipart_images([image]) if args.form == "multipart" else raw_image(image[1], image[0])
+                for image in images]
     with tempfile.TemporaryDirectory() as tmp, bentoml_service(args.package.resolve(), Path(tmp), **env) as server:
         url = f"{server.url}/classify"
         run_closed_loop(url, requests, args.concurrency, 3, server.headers)  # warm-up
@@ -124,7 +127,7 @@ def main() -> None:
         n = max(1, result["requests"])
         per_process = {f"{role} ({pid})": round((_cpu_seconds(Path(f"/proc/{pid}/stat")) - before[pid]) / n * 1000, 2)
                        for pid, role in processes.items()}
-        report = {"env": env, "concurrency": args.concurrency, "load": result,
+        report = {"env": env, "form": args.form, "concurrency": args.concurrency, "load": result,
                   "cpu_ms_per_request": {"total": round(sum(per_process.values()), 2), **per_process}}
         if api:
             names = thread_names(api)

@@ -29,7 +29,7 @@ import numpy as np
 from bentoml._internal.context import server_context
 from PIL import Image as PILImage
 from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, ServiceUnavailable
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 from medcl.answers import softmax
 from medcl.answers import top_k as most_probable  # `top_k` is the API's parameter name
@@ -54,6 +54,7 @@ from service.hardening import (bound_request_metric_labels, defer_session_close,
 from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware, metric_path
 from service.launch import exit_with_parent
 from service.openapi import serve_complete_openapi
+from service.raw_body import RawImageMiddleware, RawRoute
 from service.request_state import REQUEST_TIMEOUT_S, check_alive
 from service.package import ModelPackage
 from service.registry import ModelsConfig, configured_models
@@ -68,6 +69,7 @@ MAX_PIXELS = int(os.environ.get("MEDCL_MAX_PIXELS", DEFAULT_MAX_PIXELS))
 # so the deadline sits just under the request timeout and sheds only under real overload.
 MAX_BATCH_SIZE = int(os.environ.get("MEDCL_MAX_BATCH_SIZE", 64))
 SHED_AFTER_MS = int(os.environ.get("MEDCL_SHED_AFTER_MS", 20_000))
+API_THREADS = 16  # request threads of the API process (4, 8 and 16 measured alike, docs/benchmarks.md)
 MAX_BODY_BYTES = int(os.environ.get("MEDCL_MAX_BODY_BYTES", 256 * 1024 * 1024))
 # Amplifiers: a small request must not buy a large answer. Vectors count like images; a search's
 # answer holds queries x k hits (each a full case record); /segment's work grows with its pixels.
@@ -586,10 +588,15 @@ class Medcl:
     def classify(self, images: list[Path] = Field(default_factory=list), images_base64: list[str] = IMAGES_BASE64,
                  top_k: Annotated[int, Field(ge=1, le=100)] = 5, model: str | None = MODEL_FIELD) -> list[Prediction]:
         """Class, probability and top-k classes for each image, in the order sent."""
+        return self.classify_uploads(self._uploads(images, images_base64, "classify"), top_k=top_k, model=model)
+
+    def classify_uploads(self, uploads: list[tuple[str, bytes]], top_k: int = 5,
+                         model: str | None = None) -> list[Prediction]:
+        """/classify on (name, bytes) uploads, whichever form of the request carried them."""
         name, active = self.resolve(model, "classify", ("classify",))
         card = active.card
         started = time.perf_counter()
-        batch = self._prepare(self._uploads(images, images_base64, "classify"), "classify", active)
+        batch = self._prepare(uploads, "classify", active)
         scores = self._call_model(active, "scores", batch, "classify")
         logits = scores[:, :card.num_classes]
         if active.drift is not None:
@@ -609,10 +616,14 @@ class Medcl:
     def embed(self, images: list[Path] = Field(default_factory=list), images_base64: list[str] = IMAGES_BASE64,
               model: str | None = MODEL_FIELD) -> list[Embedding]:
         """The L2-normalised embedding of each image, in the order sent."""
+        return self.embed_uploads(self._uploads(images, images_base64, "embed"), model=model)
+
+    def embed_uploads(self, uploads: list[tuple[str, bytes]], model: str | None = None) -> list[Embedding]:
+        """/embed on (name, bytes) uploads, whichever form of the request carried them."""
         name, active = self.resolve(model, "embed", ("classify", "embed"))
         card = active.card
         started = time.perf_counter()
-        batch = self._prepare(self._uploads(images, images_base64, "embed"), "embed", active)
+        batch = self._prepare(uploads, "embed", active)
         vectors = self._call_model(active, "embeddings", batch, "embed")
         if active.drift is not None:
             active.drift.observe_embeddings(vectors)
@@ -639,6 +650,15 @@ class Medcl:
         nuclei where its map passes a label-free check against the tile's stain and the classical
         method's elsewhere; "network" the network's unchecked; "classical" colour deconvolution + Otsu
         with the card's post-processing. ``produced_by`` says which produced each answer."""
+        return self.segment_uploads(self._uploads(images, images_base64, "segment"), pixel_size_um=pixel_size_um,
+                                    return_mask=return_mask, return_geojson=return_geojson, modality=modality,
+                                    method=method, offset_x=offset_x, offset_y=offset_y, model=model)
+
+    def segment_uploads(self, uploads: list[tuple[str, bytes]], pixel_size_um: float | None = None,
+                        return_mask: bool = False, return_geojson: bool = False, modality: str = "auto",
+                        method: str = "auto", offset_x: int = 0, offset_y: int = 0,
+                        model: str | None = None) -> list[Segmentation]:
+        """/segment on (name, bytes) uploads, whichever form of the request carried them."""
         name, active = self.resolve(model, "segment", ("segment",))
         card = active.card
         started = time.perf_counter()
@@ -648,7 +668,6 @@ class Medcl:
         rules = InstanceRules.of(spec).at_scale(factor)
         rule = spec.serve if method == "auto" else method
         out = []
-        uploads = self._uploads(images, images_base64, "segment")
         self._check_segment_pixels(uploads)
         for i, (filename, data) in enumerate(uploads):
             check_alive()  # a client that left, or a request past its deadline, stops here
@@ -781,11 +800,20 @@ class Medcl:
                model_version: str | None = Field(None, description="The version that made `vectors`; checked"),
                model: str | None = MODEL_FIELD) -> list[SearchResult]:
         """The k most similar indexed cases for each query image or vector, with the majority-vote label."""
+        return self.search_uploads(self._uploads_or_vectors(images, images_base64, vectors, "search"), vectors,
+                                   k=k, label=label, case_id=case_id, slide_id=slide_id, site=site,
+                                   date_from=date_from, date_to=date_to, model_version=model_version, model=model)
+
+    def search_uploads(self, uploads: list[tuple[str, bytes]], vectors: list[list[float]] | None = None, k: int = 10,
+                       label: str | None = None, case_id: str | None = None, slide_id: str | None = None,
+                       site: str | None = None, date_from: datetime | None = None, date_to: datetime | None = None,
+                       model_version: str | None = None, model: str | None = None) -> list[SearchResult]:
+        """/search on (name, bytes) uploads or on vectors, whichever form of the request carried them."""
+        vectors = vectors or []
         name, active = self.resolve(model, "search", ("classify", "embed"))
         card, index = active.card, active.index
         started = time.perf_counter()
-        queries = self._query_vectors(self._uploads_or_vectors(images, images_base64, vectors, "search"), vectors,
-                                      "search", active)
+        queries = self._query_vectors(uploads, vectors, "search", active)
         if len(queries) * k > MAX_SEARCH_HITS:
             metrics.ERRORS.labels("search", "too_many_hits").inc()
             raise PayloadTooLarge(f"{len(queries)} queries x k={k} asks for {len(queries) * k} hits; one request "
@@ -849,7 +877,7 @@ if PLACEMENT == "separate":
 Medcl = bentoml.asgi_app(extra_app, path="/")(
     # BentoML's own access log is off: RequestContextMiddleware writes one JSON line per request (with
     # its id and caller); the second line per request was ~5% of the event loop's py-spy samples.
-    bentoml.service(name="medcl", workers=1, threads=16,
+    bentoml.service(name="medcl", workers=1, threads=API_THREADS,
                     # BentoML's own timeout answers 504 but leaves the work running; ours (MEDCL_REQUEST_TIMEOUT_S,
                     # service/request_state.py) stops it, so BentoML's sits behind it as a backstop.
                     traffic={"timeout": REQUEST_TIMEOUT_S + 20, "max_concurrency": 256},
@@ -862,3 +890,10 @@ serve_complete_openapi(ModelInfo, CaseRecord)  # GET /docs.json as the service r
 Medcl.add_asgi_middleware(RequestContextMiddleware)
 Medcl.add_asgi_middleware(ApiKeyMiddleware, keys=KEYS, public_docs=os.environ.get("MEDCL_PUBLIC_DOCS") == "1")
 Medcl.add_asgi_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+# Innermost: one image as the raw request body (service/raw_body.py), inside every check above.
+Medcl.add_asgi_middleware(RawImageMiddleware, service=bentoml.get_current_service, threads=API_THREADS, routes={
+    "/classify": RawRoute("classify_uploads", Medcl.apis["classify"].input_spec, TypeAdapter(list[Prediction])),
+    "/embed": RawRoute("embed_uploads", Medcl.apis["embed"].input_spec, TypeAdapter(list[Embedding])),
+    "/segment": RawRoute("segment_uploads", Medcl.apis["segment"].input_spec, TypeAdapter(list[Segmentation])),
+    "/search": RawRoute("search_uploads", Medcl.apis["search"].input_spec, TypeAdapter(list[SearchResult])),
+})
