@@ -25,12 +25,14 @@ from bench.machine import model_gflops
 def stage_timings(package_dir: Path, tiles: list[Path]) -> dict:
     from medcl.preprocess import SERVICE_FORMATS, decode_image, to_rgb
     from medcl.nuclei_check import answer_tile
-    from medcl.segmentation import InstanceRules, describe_instances, network_input, sliding_window
+    from medcl.segmentation import (InstanceRules, describe_instances, inference_window, network_input,
+                                    sliding_window)
     from service.package import ModelPackage
 
     package = ModelPackage(package_dir)
     spec = package.card.segmentation
     rules = InstanceRules.of(spec)
+    window = inference_window(spec.window, spec.receptive_radius)  # what /segment runs
     stages: dict[str, float] = {"decode": 0.0, "inference": 0.0, "post_processing": 0.0}
     megapixels, nuclei = 0.0, 0
     for n, path in enumerate(tiles):
@@ -40,7 +42,7 @@ def stage_timings(package_dir: Path, tiles: list[Path]) -> dict:
         rgb = np.asarray(image)
         chw = network_input(rgb, spec.inputs)
         t1 = time.perf_counter()
-        probability = sliding_window(chw, lambda b: package.run(b, "nuclei"), spec.window, spec.receptive_radius)
+        probability = sliding_window(chw, lambda b: package.run(b, "nuclei"), window, spec.receptive_radius)
         probability = probability[0]  # the package's "nuclei" output is the chosen map alone
         t2 = time.perf_counter()
         answer = answer_tile(probability, rgb, rules, spec.serve)
@@ -56,7 +58,7 @@ def stage_timings(package_dir: Path, tiles: list[Path]) -> dict:
     per_mp = {k: round(v / megapixels, 4) for k, v in stages.items()}
     per_mp["total"] = round(sum(stages.values()) / megapixels, 4)
     return {"seconds_per_megapixel": per_mp, "tiles_timed": len(tiles) - 1, "megapixels": round(megapixels, 2),
-            "nuclei_per_tile": round(nuclei / max(1, len(tiles) - 1), 1), "window": spec.window,
+            "nuclei_per_tile": round(nuclei / max(1, len(tiles) - 1), 1), "window": window,
             "margin": spec.receptive_radius, "provider": package.provider}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -326,6 +327,20 @@ def label_png(labels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(labels.astype(np.uint16)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# Inference windows are at least this large, whatever window the model was exported with: the network is
+# fully convolutional and the export's graph takes any size, so the window only bounds memory. Every
+# window recomputes 2 x the receptive-field radius at each inner edge; at 512 px that was 2.2x the pixels
+# of a 1000 x 1000 tile, at 1024 px such a tile is one run (docs/benchmarks.md). MEDCL_SEGMENT_WINDOW
+# lowers it on hosts short of memory (~0.1 GB per megapixel of window in onnxruntime's arena).
+INFERENCE_WINDOW = int(os.environ.get("MEDCL_SEGMENT_WINDOW", 1024))
+
+
+def inference_window(exported_window: int, margin: int) -> int:
+    """The window /segment and the benchmarks run: the larger of the export's and INFERENCE_WINDOW,
+    and always more than twice the margin."""
+    return max(exported_window, INFERENCE_WINDOW, 2 * margin + 64)
 
 
 def sliding_window(image: np.ndarray, run: Callable[[np.ndarray], np.ndarray], window: int, margin: int,

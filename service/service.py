@@ -41,8 +41,8 @@ from medcl.index.sources import check_client_source, store_source
 from medcl.preprocess import (DEFAULT_MAX_PIXELS, SERVICE_FORMATS, ImageDecodeError, ImageTooLargeError, decode_image,
                               normalise, to_model_pixels, to_rgb)
 from medcl.nuclei_check import answer_tile
-from medcl.segmentation import (InstanceRules, as_brightfield, describe_instances, geojson, label_png, network_input,
-                                sliding_window)
+from medcl.segmentation import (InstanceRules, as_brightfield, describe_instances, geojson, inference_window,
+                                label_png, network_input, sliding_window)
 from medcl.auth import KeyStore, auth_disabled
 from service import metrics
 from service.cases import extra_app
@@ -311,7 +311,8 @@ def segmenter_service(name: str, package_dir: Path) -> type:
                 check_alive()  # between windows: a large tile's work stops soon after its client leaves
                 return package.run(windows, "nuclei")
 
-            result = sliding_window(image, run, spec.window, spec.receptive_radius)[0]
+            result = sliding_window(image, run, inference_window(spec.window, spec.receptive_radius),
+                                    spec.receptive_radius)[0]
             metrics.INFERENCE_SECONDS.labels(name, "nuclei").observe(time.perf_counter() - start)
             return result
 

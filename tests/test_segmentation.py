@@ -113,6 +113,24 @@ def test_confidence_network_size_and_exact_sliding_window() -> None:
     assert np.abs(tiled - whole).max() > 1e-4, "a margin below the receptive field should show seams (test is live)"
 
 
+def test_a_1000_px_tile_is_one_inference_window() -> None:
+    from medcl.segmentation import inference_window
+
+    window = inference_window(512, 83)  # the demo segmenter's export window and receptive-field radius
+    calls: list[tuple[int, ...]] = []
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        calls.append(batch.shape)
+        return batch[:, :1]
+
+    image = np.random.default_rng(0).random((4, 1000, 1000), dtype=np.float32)
+    assert np.array_equal(sliding_window(image, run, window, 83)[0], image[0]) and calls == [(1, 4, 1000, 1000)]
+    calls.clear()
+    wide = np.random.default_rng(1).random((4, 1000, 1800), dtype=np.float32)
+    assert np.array_equal(sliding_window(wide, run, window, 83)[0], wide[0]) and len(calls) >= 1
+    assert sum(shape[0] for shape in calls) == 2  # two windows side by side, not 512 px ones (6)
+
+
 def test_classical_baseline_finds_nuclei_on_a_real_monuseg_tile() -> None:
     folder = shared("monuseg", "test")
     name = sorted((folder / "images").glob("*.png"))[0].name
@@ -232,7 +250,7 @@ def test_models_lists_both_models_with_what_runs_them(two_model_service: str) ->
     assert httpx.get(f"{two_model_service}/models", timeout=30).status_code == 401
 
 
-def test_segment_a_real_tile_larger_than_the_window(two_model_service: str) -> None:
+def test_segment_a_real_1000_px_tile(two_model_service: str) -> None:
     folder = shared("monuseg", "test", "images")
     path = sorted(folder.glob("*.png"))[1]
     answer = _post(two_model_service, "/segment", [(path.name, path.read_bytes(), "image/png")],
