@@ -48,7 +48,10 @@ def _wait(proc: subprocess.Popen, ready, log: Path, what: str, timeout: float = 
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it has already ended (a refused start)
+                pass
             raise RuntimeError(f"{what} did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
 

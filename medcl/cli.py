@@ -212,7 +212,12 @@ def _bentoml_serve(package: Path | None, port: int, host: str, models: str | Non
     if env.get("MEDCL_API_KEYS_FILE"):
         env["MEDCL_API_KEYS_FILE"] = str(Path(env["MEDCL_API_KEYS_FILE"]).resolve())
     _ensure_api_keys(env)
-    from service.launch import port_in_use
+    from service.launch import WorkerCountError, api_workers, port_in_use
+
+    try:
+        api_workers()
+    except WorkerCountError as e:
+        raise UsageError(str(e)) from None
 
     if port_in_use(host, port):
         raise UsageError(f"port {port} on {host} is already in use (another service, or a worker left from an "

@@ -7,6 +7,8 @@
 - **No start over a live worker.** A worker left from an earlier start (its launcher killed) holds the
   port and answers ``/readyz``; ``port_in_use`` lets the launcher refuse to start in one line instead
   of reporting ready through the old worker.
+- How many API processes: ``api_workers`` (MEDCL_WORKERS), read by the launcher to refuse a bad value
+  in one line and by the service to start that many.
 - Workers end with their launcher: ``exit_with_parent`` (called by every worker process).
 
     python -m service.launch serve service.service:Medcl --port 3000 ...   # the arguments of bentoml serve
@@ -24,6 +26,25 @@ import threading
 import time
 
 log = logging.getLogger("medcl.service")
+
+
+class WorkerCountError(ValueError):
+    pass
+
+
+def api_workers() -> int:
+    """API processes (MEDCL_WORKERS). Each holds its own inline models and its own readers of the case
+    index; they share nothing but the model files and the index's SQLite file, whose writes any worker
+    sees on its next read (medcl/index/embedded.py). Default: one per two cores on hosts with more than
+    four, where one Python process (its event loop, its GIL) is the limit; one below that, where a second
+    process would only compete with the model for the same cores."""
+    explicit = os.environ.get("MEDCL_WORKERS", "").strip()
+    if explicit:
+        if not explicit.isdigit() or int(explicit) < 1:
+            raise WorkerCountError(f"MEDCL_WORKERS={explicit!r}: a whole number of API processes, at least 1")
+        return int(explicit)
+    cores = os.cpu_count() or 1
+    return cores // 2 if cores > 4 else 1
 
 
 def port_in_use(host: str, port: int) -> bool:

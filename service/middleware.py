@@ -127,11 +127,16 @@ class RequestContextMiddleware:
     """Gives every request an id (the client's X-Request-ID when sane, else a new one) and a deadline
     (service/request_state.py), returns the id in the response, answers every error as
     ``{"error": message, "request_id": id}`` whichever layer produced it, and writes one JSON line per
-    request: id, method, path, status (499 where the client left first), duration, caller."""
+    request: id, method, path, status (499 where the client left first), duration, caller. The answer's
+    ``X-Medcl-Worker`` header names the API process that produced it."""
 
     def __init__(self, app: ASGIApp) -> None:
+        from bentoml._internal.context import server_context
+
         self.app = app
         self.log = _json_logger()
+        # which API process answered (1..MEDCL_WORKERS): where a multi-worker problem shows, say where
+        self.worker = str(server_context.worker_index or 0).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -151,7 +156,8 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode()),
+                                                  (b"x-medcl-worker", self.worker)]}
                 if status >= 400:
                     held = message
                     return

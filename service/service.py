@@ -52,7 +52,7 @@ from service.fast_paths import cache_media_types
 from service.hardening import (bound_request_metric_labels, defer_session_close, harden_multipart_parsing,
                                quiet_client_errors, refuse_deep_json)
 from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware, metric_path
-from service.launch import exit_with_parent
+from service.launch import api_workers, exit_with_parent
 from service.openapi import serve_complete_openapi
 from service.raw_body import RawImageMiddleware, RawRoute
 from service.request_state import REQUEST_TIMEOUT_S, check_alive
@@ -301,7 +301,8 @@ def segmenter_service(name: str, package_dir: Path) -> type:
         """A nuclei segmenter's sessions: tiles of any size, cut into overlapping windows and stitched exactly."""
 
         def __init__(self) -> None:
-            self.slots = _Slots(name, package_dir)
+            # inline, the API workers share the cores; separate, the model process has them all
+            self.slots = _Slots(name, package_dir, cores_per_worker() if PLACEMENT == "inline" else None)
 
         def _nuclei(self, slot: str, image: np.ndarray) -> np.ndarray:
             package = self.slots.get(slot)
@@ -356,6 +357,15 @@ if PLACEMENT not in ("inline", "separate"):
 BATCHED_METHODS = frozenset({"scores", "embeddings"})
 
 
+WORKERS = api_workers()
+# Of several API workers, the first alone writes index snapshots (a cache; SQLite is the record).
+SAVES_SNAPSHOTS = server_context.worker_index in (None, 1)
+
+
+def cores_per_worker() -> int:
+    return max(1, (os.cpu_count() or 1) // WORKERS)
+
+
 def classifier_ort_threads() -> int | None:
     """Inline, a classifier's session runs each batch on one thread and MicroBatcher runs one batch
     per core; separate, the model process has the cores to itself and one run uses them all."""
@@ -371,7 +381,7 @@ def batcher_workers() -> int:
     if explicit:
         return explicit
     threads = classifier_ort_threads()
-    return 1 if threads is None else max(1, (os.cpu_count() or 1) // threads)
+    return 1 if threads is None else max(1, cores_per_worker() // threads)
 
 
 # Models named by a store reference (champion/challenger) are re-resolved this often, so a promotion
@@ -486,7 +496,8 @@ class Medcl:
                     continue
                 self.active[entry.name] = switched
                 if current.index is not None:
-                    threading.Timer(RETIRE_AFTER_SECONDS, current.index.close).start()
+                    threading.Timer(RETIRE_AFTER_SECONDS, current.index.close,
+                                    kwargs={"save": SAVES_SNAPSHOTS}).start()
                 metrics.MODEL_SWITCHES.labels(entry.name).inc()
                 log.info("model %s: now serving version %s (was %s)", entry.name, card.version, current.card.version)
                 changes.append({"model": entry.name, "from": current.card.version, "to": card.version})
@@ -497,7 +508,8 @@ class Medcl:
     def _close_index(self) -> None:
         for active in self.active.values():
             if active.index is not None:
-                active.index.close()  # saves the HNSW graph, if any, so the next start need not rebuild it
+                # the first worker saves the HNSW graph, if any, so the next start need not rebuild it
+                active.index.close(save=SAVES_SNAPSHOTS)
 
     def _service_of(self, name: str):
         """The model's service: the instance in this process (inline) or the proxy to its process."""
@@ -878,7 +890,7 @@ if PLACEMENT == "separate":
 Medcl = bentoml.asgi_app(extra_app, path="/")(
     # BentoML's own access log is off: RequestContextMiddleware writes one JSON line per request (with
     # its id and caller); the second line per request was ~5% of the event loop's py-spy samples.
-    bentoml.service(name="medcl", workers=1, threads=API_THREADS,
+    bentoml.service(name="medcl", workers=WORKERS, threads=API_THREADS,
                     # BentoML's own timeout answers 504 but leaves the work running; ours (MEDCL_REQUEST_TIMEOUT_S,
                     # service/request_state.py) stops it, so BentoML's sits behind it as a backstop.
                     traffic={"timeout": REQUEST_TIMEOUT_S + 20, "max_concurrency": 256},

@@ -51,8 +51,9 @@ class CaseIndex(abc.ABC):
         """After a bulk load: persist whatever makes later searches fast (a graph snapshot, sealed segments).
         Never needed for durability: ``add`` already returned only once its cases were durable."""
 
-    def close(self) -> None:  # noqa: B027 - optional for backends
-        pass
+    def close(self, save: bool = True) -> None:  # noqa: B027 - optional for backends
+        """Release the index; ``save`` first persists what ``save`` does (one of several processes
+        sharing an index passes False, so that only one of them writes the snapshot)."""
 
     # ---- shared behaviour
     def check_version(self, model_version: str | None) -> None:

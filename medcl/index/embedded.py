@@ -421,19 +421,20 @@ class EmbeddedIndex(CaseIndex):
         if self._active_kind == "flat":
             return
         index_path, rows_path, meta_path = self._snapshot_paths()
-        with self._lock:
-            tmp = index_path.with_suffix(".tmp")
+        with self._lock:  # temporary names per process: two processes saving at once never share one
+            tmp = index_path.with_suffix(f".{os.getpid()}.tmp")
             faiss.write_index(self._faiss, str(tmp))
             os.replace(tmp, index_path)
-            with open(rows_path.with_suffix(".tmp.npy"), "wb") as f:
+            with open(rows_path.with_suffix(f".{os.getpid()}.tmp.npy"), "wb") as f:
                 np.save(f, self._rows[:self._n])
-            os.replace(rows_path.with_suffix(".tmp.npy"), rows_path)
-            meta_tmp = meta_path.with_suffix(".tmp")
+            os.replace(rows_path.with_suffix(f".{os.getpid()}.tmp.npy"), rows_path)
+            meta_tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
             meta_tmp.write_text(json.dumps({"dim": self.dim, "kind": self._active_kind, "n": self._n}))
             os.replace(meta_tmp, meta_path)
 
-    def close(self) -> None:
+    def close(self, save: bool = True) -> None:
         with self._lock:
-            self.save()
+            if save:
+                self.save()
             self._writer.close()
             self._reader.close()

@@ -149,6 +149,7 @@ class MilvusIndex(CaseIndex):
         with self._lock:
             self._client.flush(self.collection)
 
-    def close(self) -> None:
-        self.save()
+    def close(self, save: bool = True) -> None:
+        if save:
+            self.save()
         self._client.close()
