@@ -55,13 +55,16 @@ def parity_images(card: Card, parity_data: str | Path | None, limit: int) -> tup
 
 def labelled_splits(card: Card, data: str | Path | None, n_held_out: int = 2000, n_calibration: int = 256,
                     seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Held-out images + labels (test split) and calibration images (training split) from an .npz."""
+    """Gate images + labels and calibration images (training split) from an .npz. The gate decides
+    whether a variant is written, so it reads the validation split where there is one; the test split
+    only where the archive holds no other held-out images."""
     path = Path(data) if data is not None else Path(card.data.path)
     if path.suffix != ".npz" or not path.is_file():
-        raise FileNotFoundError(f"fp16/int8 variants need an .npz with train and test splits (got {path}); "
+        raise FileNotFoundError(f"fp16/int8 variants need an .npz with train and val (or test) splits (got {path}); "
                                 "pass --parity-data DATA.npz")
     with np.load(path) as archive:
-        test_x, test_y = archive["test_images"], archive["test_labels"].reshape(-1)
+        split = "val" if "val_images" in archive.files else "test"
+        test_x, test_y = archive[f"{split}_images"], archive[f"{split}_labels"].reshape(-1)
         train_x = archive["train_images"]
     rng = np.random.default_rng(seed)
     held = rng.permutation(len(test_x))[:n_held_out]

@@ -84,6 +84,9 @@ class ModelPackage:
             raise PackageError(f"{model_path} is missing")
         self.session, self.provider = create_session(model_path, threads)
         self.input_name = self.card.onnx.input_name
+        self.variant, self.variant_speeds = "fp32", {}
+        if self.card.task != "segment":
+            self._choose_variant(threads)
         # On a GPU the first run of each new batch size pays for building its kernels' plans, and a
         # batching server makes batches of every size. There, batches are padded up to a power of two
         # and those few sizes are run once now, so no request pays for a new shape (on an H100 the
@@ -92,6 +95,43 @@ class ModelPackage:
         self.pad_batches = self.provider in GPU_LABELS and self.card.task != "segment"
         if self.pad_batches:
             self._warm_up()
+
+    def _choose_variant(self, threads: int | None) -> None:
+        """Serve the fastest graph on this host among fp32 and the variants that passed the export's
+        accuracy gate (export/variants.py). int8 is 2-3x faster than fp32 on CPUs with VNNI and slower
+        on others, and small models can lose to the quantise/dequantise overhead anywhere, so the
+        choice is measured here, not assumed. MEDCL_VARIANT=fp32|int8|fp16 forces one."""
+        wanted = os.environ.get("MEDCL_VARIANT", "auto").strip().lower() or "auto"
+        candidates = {"fp32": self.directory / self.card.onnx.file}
+        for name, figures in self.card.onnx.variants.items():
+            if name in VARIANT_NAMES and isinstance(figures, dict) and figures.get("written") and figures.get("file"):
+                path = self.directory / str(figures["file"])
+                if path.is_file():
+                    candidates[name] = path
+        if wanted != "auto":
+            if wanted not in candidates:
+                raise PackageError(f"MEDCL_VARIANT={wanted}: {self.directory} holds {', '.join(sorted(candidates))} "
+                                   "(variants are written by `medcl export --variants` when they pass its gate)")
+            if wanted != "fp32":
+                self.session, self.provider = create_session(candidates[wanted], threads)
+            self.variant = wanted
+            return
+        if len(candidates) == 1 or self.provider == "TensorRT":  # TensorRT chooses its own precision
+            return
+        sessions = {"fp32": self.session}
+        for name, path in candidates.items():
+            if name != "fp32":
+                try:
+                    sessions[name] = create_session(path, threads)[0]
+                except Exception as e:  # noqa: BLE001 - a variant this build cannot run is simply not chosen
+                    log.warning("model %s: variant %s not usable here (%s)", self.directory, name, e)
+        self.variant_speeds = time_sessions(sessions, self.input_name, self.card.preprocess.input_size)
+        best = max(self.variant_speeds, key=self.variant_speeds.get)
+        # fp32 unless a variant is clearly faster: within 10% the exact graph is worth more than the noise
+        if best != "fp32" and self.variant_speeds[best] >= VARIANT_MIN_GAIN * self.variant_speeds["fp32"]:
+            self.session, self.variant = sessions[best], best
+        log.info("model %s: serving %s (images/s at batch %d on this host: %s)", self.directory, self.variant,
+                 TIMING_BATCH, self.variant_speeds)
 
     def _warm_up(self) -> None:
         size = self.card.preprocess.input_size
@@ -121,6 +161,29 @@ class ModelPackage:
 
 
 GPU_LABELS = frozenset({"CUDA", "TensorRT"})
+VARIANT_NAMES = ("int8", "fp16")
+VARIANT_MIN_GAIN = 1.1
+TIMING_BATCH = 8
+
+
+def time_sessions(sessions: dict, input_name: str, size: int, rounds: int = 5) -> dict[str, float]:
+    """Images per second of each session at batch TIMING_BATCH: one warm-up run each, then
+    ``rounds`` rounds that run every session in turn (drift in the host's speed hits all alike), the
+    median per session; each timed run lasts at least ~20 ms so a tiny model's figure is not noise."""
+    x = np.random.default_rng(0).standard_normal((TIMING_BATCH, 3, size, size)).astype(np.float32)
+    repeats = {}
+    for name, session in sessions.items():
+        start = time.perf_counter()
+        session.run(None, {input_name: x})
+        repeats[name] = max(1, min(50, int(0.02 / max(time.perf_counter() - start, 1e-6))))
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            for _ in range(repeats[name]):
+                session.run(None, {input_name: x})
+            times[name].append((time.perf_counter() - start) / repeats[name])
+    return {name: round(TIMING_BATCH / float(np.median(t)), 1) for name, t in times.items()}
 
 
 def batch_buckets() -> list[int]:

@@ -188,6 +188,11 @@ class ModelInfo(BaseModel):
     input_size: int
     embedding_dim: int | None
     provider: str = Field(description="Execution provider that really runs it: TensorRT, CUDA or CPU")
+    variant: str | None = Field(None, description="The graph served: fp32, or an int8/fp16 variant that passed "
+                                "the export's accuracy gate and ran fastest on this host")
+    variant_speeds: dict[str, float] = Field(default_factory=dict,
+                                             description="Images/s of each candidate graph at batch 8, measured "
+                                             "at load on this host (empty when there was no choice)")
     metrics: dict
 
 
@@ -246,8 +251,10 @@ class _SlotEndpoints:
     slots: _Slots
 
     @bentoml.api
-    def provider(self) -> str:
-        return self.slots.get("a" if self.slots.packages["a"] else "b").provider
+    def runtime(self) -> dict:
+        """The provider that really runs the model, the graph variant served and the timings that chose it."""
+        package = self.slots.get("a" if self.slots.packages["a"] else "b")
+        return {"provider": package.provider, "variant": package.variant, "variant_speeds": package.variant_speeds}
 
     @bentoml.api
     def versions(self) -> dict[str, str | None]:
@@ -405,7 +412,7 @@ class Medcl:
         # same store): the two agree at start, and reload() keeps them agreeing.
         self.active: dict[str, Active] = {name: self._activate(name, "a", CARDS[name], PACKAGE_DIRS[name])
                                           for name in CARDS}
-        self._providers: dict[str, str] = {}
+        self._runtimes: dict[tuple[str, str], dict] = {}  # (model, version) -> what its model service runs
         # Inline placement: the model services' classes instantiated here, in this process.
         self._inline = {name: MODEL_SERVICES[name]() for name in CARDS} if PLACEMENT == "inline" else {}
         self._batchers: dict[tuple[str, str], MicroBatcher] = {}
@@ -758,22 +765,24 @@ class Medcl:
         self._follow_aliases()
         out = []
         for name, card in self.cards.items():
-            if name not in self._providers:
+            key = (name, card.version)
+            if key not in self._runtimes:
                 try:
-                    self._providers[name] = self._service_of(name).provider()
+                    self._runtimes[key] = self._service_of(name).runtime()
                 except Exception:  # noqa: BLE001 - a model process still starting must not fail the listing
-                    out.append(self._info(name, card, "unknown (model service not ready)"))
+                    out.append(self._info(name, card, {"provider": "unknown (model service not ready)"}))
                     continue
-            out.append(self._info(name, card, self._providers[name]))
+            out.append(self._info(name, card, self._runtimes[key]))
         return out
 
-    def _info(self, name: str, card: Card, provider: str) -> ModelInfo:
+    def _info(self, name: str, card: Card, runtime: dict) -> ModelInfo:
         return ModelInfo(name=name, default=name == self.default_model, version=card.version, task=card.task,
                          method=card.method,
                          classes=[] if card.task == "segment" else card.class_names,
                          input_size=card.preprocess.input_size,
                          embedding_dim=None if card.task == "segment" else card.architecture.embedding_dim,
-                         provider=provider, metrics=card.metrics)
+                         provider=runtime["provider"], variant=runtime.get("variant"),
+                         variant_speeds=runtime.get("variant_speeds") or {}, metrics=card.metrics)
 
     def _query_vectors(self, uploads: list[tuple[str, bytes]], vectors: list[list[float]],
                        endpoint: str, active: Active) -> np.ndarray | list:

@@ -159,3 +159,5 @@ def test_separate_model_processes_answer_like_inline(api: httpx.Client, tiny_pac
     assert [a["label"] for a in separate] == [a["label"] for a in inline]
     assert [a["score"] for a in separate] == pytest.approx([a["score"] for a in inline], abs=1e-5)
     assert models["models"][0]["provider"] == "CPU"  # asked of the separate model process
+    # the tiny package has no gated variants: fp32, and no timings because there was no choice
+    assert models["models"][0]["variant"] == "fp32" and models["models"][0]["variant_speeds"] == {}

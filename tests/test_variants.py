@@ -71,3 +71,31 @@ def test_tensorrt_auto_reports_and_require_fails_without_it(tiny_run: Path, tmp_
                                str(tmp_path / "r"), "--tensorrt", "require"], capture_output=True, text=True, timeout=300)
     assert required.returncode == 2 and "TensorRT was required" in required.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_the_service_serves_the_fastest_gated_graph(variant_package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.package import VARIANT_MIN_GAIN, ModelPackage
+
+    monkeypatch.delenv("MEDCL_VARIANT", raising=False)
+    package = ModelPackage(variant_package, threads=1)
+    speeds = package.variant_speeds
+    assert set(speeds) == {"fp32", "fp16", "int8"} and all(v > 0 for v in speeds.values())
+    best = max(speeds, key=speeds.get)
+    expected = best if best != "fp32" and speeds[best] >= VARIANT_MIN_GAIN * speeds["fp32"] else "fp32"
+    assert package.variant == expected
+
+
+def test_a_forced_variant_is_the_graph_that_runs(variant_package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.package import ModelPackage, PackageError
+
+    card = Card.load(variant_package)
+    held_out, _, _ = labelled_splits(card, None)
+    x = normalise(held_out[:16], card.preprocess)
+    monkeypatch.setenv("MEDCL_VARIANT", "int8")
+    package = ModelPackage(variant_package, threads=1)
+    direct = ort.InferenceSession(str(variant_package / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    assert package.variant == "int8" and package.variant_speeds == {}
+    assert np.allclose(package.run(x, "logits"), direct.run(["logits"], {"image": x})[0], atol=1e-5)
+    monkeypatch.setenv("MEDCL_VARIANT", "int4")
+    with pytest.raises(PackageError, match="MEDCL_VARIANT=int4"):
+        ModelPackage(variant_package, threads=1)
