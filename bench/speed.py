@@ -195,6 +195,28 @@ def row(subject: Subject, system: str, request: str, concurrency: int, cell: dic
             "fraction_of_compute_limit": round(fraction, 4)}
 
 
+INT8 = "int8 graph: onnxruntime"  # not "onnxruntime...": the fp32 headline never reads these rows
+
+
+def int8_call(subject: Subject, tensors: np.ndarray, fp32: Callable) -> tuple[Callable, float]:
+    """The subject's graph quantised to static int8 (QDQ, export/variants.py's recipe, calibrated on the
+    bench's own images: for speed only, no accuracy gate) in a session set up as the service's; and
+    its top-1 agreement with fp32 on those images."""
+    from export.variants import make_int8
+    from service.package import create_session
+
+    path = subject.package_dir.parent / f"{subject.key}-int8" / "model.int8.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_int8(subject.package_dir / "model.onnx", path, tensors[:64])
+    session = create_session(path)[0]
+
+    def call(batch: np.ndarray) -> np.ndarray:
+        return session.run(["logits"], {"image": batch})[0]
+
+    agreement = float((call(tensors).argmax(1) == np.asarray(fp32(tensors)).argmax(1)).mean())
+    return call, round(agreement, 4)
+
+
 class Cells:
     """The ways of running one model, each a function (request kind, concurrency) -> measured cell."""
 
@@ -206,6 +228,10 @@ class Cells:
         self.singles, self.tiles = classify_requests(subject.images, options.tiles)
         self.raw_images: list[Request] = [raw_image(data) for _, data in subject.images]  # TorchServe's form
         self.raw_typed: list[Request] = [raw_image(data, name) for name, data in subject.images]  # the lean form
+        self.int8, self.int8_agreement = int8_call(subject, self.tensors, self.ort)
+
+    def onnxruntime_int8(self, c: int, seconds: float) -> dict:
+        return time_calls(self.int8, self.tensors[:c], seconds)
 
     def onnxruntime(self, c: int, seconds: float) -> dict:
         return time_calls(self.ort, self.tensors[:c], seconds)
@@ -250,6 +276,7 @@ def bench_model(subject: Subject, options: BenchOptions, peak: float, work: Path
     for c in options.concurrency:
         record(f"onnxruntime ({cells.provider}, in process)", f"batch {c}", c, cells.onnxruntime(c, options.seconds))
         record("PyTorch eager (in process)", f"batch {c}", c, cells.pytorch(c, options.seconds))
+        record(f"{INT8} ({cells.provider}, in process)", f"batch {c}", c, cells.onnxruntime_int8(c, options.seconds))
     memory = {"bench process, after in-process engines": round(tree_rss_mb(os.getpid()), 1)}
     skipped = torchserve_available() if subject.mar is not None else "no .mar was built"
     paired = None
@@ -270,7 +297,8 @@ def bench_model(subject: Subject, options: BenchOptions, peak: float, work: Path
     return {"model": subject.key, "input_size": subject.input_size, "gflop_per_image": round(subject.gflop, 4),
             "compute_limit_images_per_s": round(peak / subject.gflop, 1),
             "decode_and_preprocess_ms_per_image": round(cells.preprocess_ms, 3), "rows": rows,
-            "memory_rss_mb_at_end": memory, "torchserve_skipped": skipped, "paired": paired}
+            "memory_rss_mb_at_end": memory, "torchserve_skipped": skipped, "paired": paired,
+            "int8_top1_agreement_with_fp32": cells.int8_agreement}
 
 
 def headline_pair(key: str, rows: list[dict], cells: Cells, service, served, options: BenchOptions) -> dict | None:
