@@ -89,6 +89,15 @@ def evaluate_checked(run_dir: Path, files: list[Path], instances: Path) -> tuple
     return per_image, predictions
 
 
+def _main_folder_images(path: str) -> int:
+    from training.nuclei import SegmenterError, image_files
+
+    try:
+        return len(image_files(path))
+    except SegmenterError:
+        return 0
+
+
 def evaluate_run(run_dir: Path, images: Path, instances: Path,
                  files: list[Path]) -> tuple[dict, dict[str, np.ndarray], dict]:
     from training.nuclei import evaluate_segmenter, load_segmenter
@@ -103,6 +112,8 @@ def evaluate_run(run_dir: Path, images: Path, instances: Path,
         method += "+stain_input"
     if card.training.get("refine_steps"):
         method += "+refined"
+    if card.data.kind == "folder" and card.data.n_unlabelled > _main_folder_images(card.data.path):
+        method += "+more_data"  # trained on further unlabelled folders (data.more) beside its main one
     return result["per_image"], predictions, card.training | {"method": method,
                                                               "channel_rule": card.segmentation.channel_rule}
 
@@ -147,6 +158,9 @@ METHODS = {"classical": ("classical: colour deconvolution + Otsu + watershed", 0
            "patch_contrast": ("self-supervised patch contrast (no labels)", 0.0),
            "patch_contrast+stain_input+refined": ("patch contrast, stain input channel, self-training on "
                                                   "stain-agreement pseudo-labels (no labels)", 0.0),
+           "patch_contrast+stain_input+refined+more_data": ("the same, trained on every unlabelled H&E at hand "
+                                                            "(MoNuSeg training, CRC, Kather, PatchCamelyon; "
+                                                            "no labels)", 0.0),
            "supervised_unet": ("supervised U-Net (MoNuSeg train masks)", 1.0)}
 
 

@@ -80,6 +80,22 @@ def thread_names(pid: int) -> dict[int, str]:
     return names
 
 
+def event_loop_self_time(raw: Path, top: int = 25) -> list[tuple[str, float]]:
+    """Share of the main thread's samples whose innermost frame is in each function (with its file):
+    where the event loop's CPU actually goes, not what encloses it."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if "MainThread" not in stack:
+            continue
+        total += int(n)
+        leaf = stack.split(";")[-1]
+        name, _, where = leaf.partition(" (")
+        counts[f"{name} ({where.split('/')[-1].split(':')[0]}"] += int(n)
+    return [(frame + ")", round(n / total, 3)) for frame, n in counts.most_common(top)] if total else []
+
+
 def event_loop_hotspots(raw: Path, top: int = 15) -> list[tuple[str, float]]:
     """Inclusive share of the main thread's samples per frame, from py-spy's raw output."""
     counts: Counter[str] = Counter()
@@ -137,6 +153,7 @@ def main() -> None:
                                                         for s, t in busiest}
         if spy and (Path(tmp) / "api.txt").is_file():
             report["event_loop_hotspots"] = event_loop_hotspots(Path(tmp) / "api.txt")
+            report["event_loop_self_time"] = event_loop_self_time(Path(tmp) / "api.txt")
     print(json.dumps(report, indent=2))
 
 
