@@ -78,8 +78,11 @@ def bentoml_service(package: Path | None, folder: Path, models: str | None = Non
     # What to serve comes from the arguments, never from a model list left in the caller's environment.
     env = {k: v for k, v in os.environ.items() if k not in ("MEDCL_MODELS", "MEDCL_MODELS_FILE", "MEDCL_PACKAGE",
                                                              "MEDCL_MODEL")}
+    # MEDCL_VARIANT=fp32: the service is compared with onnxruntime and TorchServe running the same fp32
+    # graph, not with whichever variant it would pick on this host (the int8 rows are separate).
     env.update({"MEDCL_INDEX": f"embedded://{folder / 'index'}", "BENTOML_HOME": str(folder / "bentoml"),
-                "MEDCL_AUTH": "on" if auth else "off", "MEDCL_API_KEYS": f"{BENCH_KEY}:admin", **env_extra})
+                "MEDCL_AUTH": "on" if auth else "off", "MEDCL_API_KEYS": f"{BENCH_KEY}:admin",
+                "MEDCL_VARIANT": "fp32", **env_extra})
     # The yielded headers carry the bench's key, unless the caller brought its own keys.
     own_key = auth and "MEDCL_API_KEYS" not in env_extra
     cmd = [sys.executable, "-m", "medcl.cli", "serve", "--port", str(port)]

@@ -4,10 +4,11 @@
         [--form raw] [--env MEDCL_MODEL_PLACEMENT=separate] [--py-spy]
 
 Starts ``medcl serve`` on the package, loads /classify with single real images (closed loop), and
-reads each process's and thread's CPU time from /proc before and after. On a machine this small,
-CPU per request is the steadier figure: throughput swings by ±15% from run to run with what the
-neighbours do, CPU per request much less. ``--py-spy`` also records the API process's Python
-stacks (py-spy must be installed) and prints where its event loop spends its time.
+reads each process's and thread's CPU time from /proc before and after, and each process's resident
+memory after the load. On a machine this small, CPU per request is the steadier figure: throughput
+swings by ±15% from run to run with what the neighbours do, CPU per request much less. ``--py-spy``
+also records the API process's Python stacks (py-spy must be installed) and prints where its event
+loop spends its time.
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ def service_processes(root: int) -> dict[int, str]:
         elif int(pid) == root or "bentoml serve" in cmd:
             out[int(pid)] = "supervisor"
     return out
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of one process now, in MB (VmRSS from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
@@ -144,7 +153,8 @@ def main() -> None:
         per_process = {f"{role} ({pid})": round((_cpu_seconds(Path(f"/proc/{pid}/stat")) - before[pid]) / n * 1000, 2)
                        for pid, role in processes.items()}
         report = {"env": env, "form": args.form, "concurrency": args.concurrency, "load": result,
-                  "cpu_ms_per_request": {"total": round(sum(per_process.values()), 2), **per_process}}
+                  "cpu_ms_per_request": {"total": round(sum(per_process.values()), 2), **per_process},
+                  "rss_mb_after_load": {f"{role} ({pid})": rss_mb(pid) for pid, role in processes.items()}}
         if api:
             names = thread_names(api)
             after = thread_cpu(api)

@@ -378,10 +378,15 @@ def bench_segmentation(options: BenchOptions, peak: float, work: Path) -> dict:
 
     with Image.open(tiles[0]) as im:
         width, height = im.size
+    # the card's own rule (what a plain /segment answers with) and the network checked against the stain
     result = {"tiles": f"{len(tiles)} MoNuSeg test tiles ({width}x{height}, 40x)", "run": str(run),
-              "in_process": stage_timings(package, tiles), **flop_floor(run, height, width, peak)}
+              "in_process": stage_timings(package, tiles),
+              "in_process_network": stage_timings(package, tiles, "network-or-classical"),
+              **flop_floor(run, height, width, peak)}
     with bentoml_service(package, work / "bentoml-segmenter") as server:
         result["http_one_at_a_time"] = http_timings(server.url, server.headers, tiles)
+        result["http_one_at_a_time_network"] = http_timings(server.url, server.headers, tiles,
+                                                            "network-or-classical")
     return result
 
 

@@ -72,15 +72,25 @@ def markdown(result: dict, figure: Path | None) -> list[str]:
         if "skipped" in seg:
             lines += [f"Not measured: {seg['skipped']}.", ""]
         else:
-            s = seg["in_process"]["seconds_per_megapixel"]
-            lines += [f"{seg['tiles']}; run `{seg['run']}`; window {seg['in_process']['window']} px, margin "
-                      f"{seg['in_process']['margin']} px, {seg['in_process']['nuclei_per_tile']} nuclei per tile.", "",
-                      "| stage | seconds per megapixel |", "|---|---|"]
-            lines += [f"| {k.replace('_', ' ')} | {v} |" for k, v in s.items()]
-            lines += [f"| FLOP floor ({seg['gflop_per_megapixel']} GFLOP/MP at the GEMM peak) | "
-                      f"{seg['floor_seconds_per_megapixel']} |",
-                      f"| /segment over HTTP, one tile at a time (p50 {seg['http_one_at_a_time']['p50_ms']} ms per tile) | "
-                      f"{seg['http_one_at_a_time']['seconds_per_megapixel']} |", ""]
+            # one column per answer rule; results from before the network column have only the first
+            runs = [(seg["in_process"], seg["http_one_at_a_time"])]
+            if "in_process_network" in seg:
+                runs.append((seg["in_process_network"], seg["http_one_at_a_time_network"]))
+            first = seg["in_process"]
+            lines += [f"{seg['tiles']}; run `{seg['run']}`; inference window {first['window']} px, margin "
+                      f"{first['margin']} px. Columns: the answer rule (`method=`), with the answers it gave "
+                      "(`produced_by`) and nuclei per tile.", "",
+                      "| stage, seconds per megapixel | " + " | ".join(
+                          f"{p.get('rule', 'card')} (answers: {_fmt(p.get('produced_by', {}))}; {p['nuclei_per_tile']} nuclei per tile)"
+                          for p, _ in runs) + " |",
+                      "|---|" + "---|" * len(runs)]
+            for stage in first["seconds_per_megapixel"]:
+                lines.append(f"| {stage.replace('_', ' ')} (in process) | " + " | ".join(
+                    str(p["seconds_per_megapixel"][stage]) for p, _ in runs) + " |")
+            lines += ["| /segment over HTTP, one raw-body tile at a time | " + " | ".join(
+                          f"{h['seconds_per_megapixel']} (p50 {h['p50_ms']} ms per tile)" for _, h in runs) + " |",
+                      f"| network FLOP floor ({seg['gflop_per_megapixel']} GFLOP/MP at the GEMM peak) | "
+                      + " | ".join(str(seg["floor_seconds_per_megapixel"]) for _ in runs) + " |", ""]
     search = result.get("search")
     if search:
         lines += ["### Case search", "", f"{search['vectors']}; {search['queries']} real queries; recall@10 "

@@ -13,6 +13,7 @@ import pytest
 from bench.http_load import multipart_images
 from bench.servers import torchserve_available
 from bench.speed import RAW, headline_ratios
+from tests.conftest import shared
 
 
 def test_bench_measures_every_system_and_keeps_the_handwritten_page(tiny_run: Path, tmp_path: Path) -> None:
@@ -112,3 +113,26 @@ def test_gpu_report_renders_the_recorded_run_and_keeps_the_handwritten_part(tmp_
         assert f"### Model `{key}`" in text
         best = max(r["images_per_s"] for r in recorded["models"][key]["rows"] if r["engine"] == "onnxruntime CUDA fp32")
         assert f"| {best:.0f} |" in text
+
+
+def test_segmentation_timing_runs_the_network_only_where_the_service_would(segmenter_package: Path) -> None:
+    """The classical rule answers without the network (as /segment does), the checked rule runs it; the
+    report shows both rules side by side. Real 1000x1000 MoNuSeg tiles."""
+    from bench.segment_speed import stage_timings
+    from bench.speed_report import markdown
+
+    tiles = sorted(shared("monuseg", "test", "images").glob("*.png"))[:2]
+    classical = stage_timings(segmenter_package, tiles, "classical")
+    checked = stage_timings(segmenter_package, tiles, "network-or-classical")
+    assert classical["seconds_per_megapixel"]["inference"] == 0.0
+    assert checked["seconds_per_megapixel"]["inference"] > 0.0
+    assert classical["produced_by"] == {"classical": 1} and sum(checked["produced_by"].values()) == 1
+    http = {"seconds_per_megapixel": 1.0, "p50_ms": 1000.0}
+    seg = {"tiles": "2 tiles", "run": "r", "in_process": classical, "in_process_network": checked,
+           "http_one_at_a_time": http, "http_one_at_a_time_network": http, "gflop_per_megapixel": 1.0,
+           "floor_seconds_per_megapixel": 0.01}
+    result = {"machine": {"cpu": "x", "cores": 2}, "gemm_gflops": {"peak": 1.0}, "onnxruntime": "1",
+              "models": {}, "segmentation": seg}
+    text = "\n".join(markdown(result, None))
+    assert "| classical (answers: classical 1;" in text and "| network-or-classical (answers: " in text
+    assert "| inference (in process) | 0.0 | " in text
