@@ -189,20 +189,25 @@ def bench_engines(subject, work: Path, seconds: float, batches: tuple[int, ...])
             "skipped": skipped, "agreement_with_cpu_fp32": accuracy, "images": len(tensors)}
 
 
-def bench_service(subject, work: Path, seconds: float, tiles: int = 8) -> dict:
+def bench_service(subject, work: Path, seconds: float, tiles: int = 8, workers: tuple[int, ...] = (1,),
+                  concurrency: tuple[int, ...] = (1, 8, 32)) -> dict:
     """The service over HTTP with the package on the GPU: the default batch runners (one per core), then two
-    (bigger batches, one on the device while the next gathers)."""
+    (bigger batches, one on the device while the next gathers); each with every API process count in
+    ``workers`` (MEDCL_WORKERS)."""
     from bench.servers import bentoml_service
 
     singles, tiled = classify_requests(subject.images, tiles)
     rows = []
     search = os.environ.get("MEDCL_CUDNN_CONV_ALGO_SEARCH", "HEURISTIC")
-    for rule, env in ((f"one batch runner per core (default), cuDNN {search}", {}),
-                      (f"2 batch runners, cuDNN {search}", {"MEDCL_BATCH_WORKERS": "2"})):
+    setups = [(f"{w} API process{'es' if w > 1 else ''}, {rule}", {**env, "MEDCL_WORKERS": str(w)})
+              for w in workers
+              for rule, env in ((f"one batch runner per core (default), cuDNN {search}", {}),
+                                (f"2 batch runners, cuDNN {search}", {"MEDCL_BATCH_WORKERS": "2"}))]
+    for rule, env in setups:
         with bentoml_service(subject.package_dir, work / f"serve-{subject.key}-{len(rows)}", **env) as server:
             provider = _served_provider(server)
             for kind, requests in (("1 image", singles), (f"{tiles} tiles", tiled)):
-                for c in (1, 8, 32):
+                for c in concurrency:
                     cell = run_closed_loop(f"{server.url}/classify", requests, c, seconds, server.headers)
                     rows.append({"model": subject.key, "batch_runners": rule, "provider": provider,
                                  "request": kind, "concurrency": c, **cell})
@@ -220,7 +225,8 @@ def _served_provider(server) -> str:
 
 def run_gpu_bench(run: Path, run_224: Path | None, out: Path, seconds: float, service_seconds: float,
                   batches: tuple[int, ...] = BATCHES, service: bool = True, engines: bool = True,
-                  command: str = "medcl bench-gpu") -> dict:
+                  command: str = "medcl bench-gpu", workers: tuple[int, ...] = (1,),
+                  concurrency: tuple[int, ...] = (1, 8, 32)) -> dict:
     from bench.speed import bench_224_run
 
     result: dict = {"device": device_description(), "command": command}
@@ -243,7 +249,8 @@ def run_gpu_bench(run: Path, run_224: Path | None, out: Path, seconds: float, se
                 entry.update(bench_engines(subject, work, seconds, batches))
             if service:
                 try:
-                    entry["service"] = bench_service(subject, work, service_seconds)
+                    entry["service"] = bench_service(subject, work, service_seconds, workers=workers,
+                                                     concurrency=concurrency)
                 except Exception as exc:  # noqa: BLE001 - record why, keep the engine figures
                     entry["service"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                     log(f"service on {key} failed: {exc}")
@@ -260,6 +267,9 @@ def command_line(args: argparse.Namespace) -> str:
         if value is not None and value != default and not (name == "out" and str(value) == "docs/benchmarks-gpu"):
             flags.append(f"--{name.replace('_', '-')} {value}")
     flags += [flag for flag, on in (("--no-service", args.no_service), ("--no-engines", args.no_engines)) if on]
+    for name, default in (("workers", [1]), ("concurrency", [1, 8, 32])):
+        if list(getattr(args, name, default)) != default:
+            flags.append(f"--{name} " + " ".join(map(str, getattr(args, name))))
     return " ".join(flags)
 
 
@@ -272,7 +282,8 @@ def run_from_arguments(args: argparse.Namespace) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result = run_gpu_bench(run, args.run_224, args.out, args.seconds, args.service_seconds,
-                           service=not args.no_service, engines=not args.no_engines, command=command_line(args))
+                           service=not args.no_service, engines=not args.no_engines, command=command_line(args),
+                           workers=tuple(args.workers), concurrency=tuple(args.concurrency))
     result["seconds"] = round(time.perf_counter() - start, 1)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     write_gpu_report(result, args.out.with_suffix(".md"))

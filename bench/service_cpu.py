@@ -129,11 +129,17 @@ def main() -> None:
     p.add_argument("--py-spy", action="store_true", help="record the API process's stacks too")
     p.add_argument("--form", choices=("multipart", "raw"), default="multipart",
                    help="how each image is sent: a multipart form, or the image as the raw body")
+    p.add_argument("--tiles", type=int, default=1, help="images per request (the multipart form only)")
     args = p.parse_args()
+    if args.tiles < 1 or (args.tiles > 1 and args.form == "raw"):
+        p.error("--tiles: at least 1, and more than 1 only with --form multipart (the raw body is one image)")
     env = dict(item.split("=", 1) for item in args.env)
     images, _ = demo_images()
-    requests = [multipart_images([image]) if args.form == "multipart" else raw_image(image[1], image[0])
-                for image in images]
+    if args.form == "raw":
+        requests = [raw_image(image[1], image[0]) for image in images]
+    else:
+        requests = [multipart_images([images[(i + k) % len(images)] for k in range(args.tiles)])
+                    for i in range(len(images))]
     with tempfile.TemporaryDirectory() as tmp, bentoml_service(args.package.resolve(), Path(tmp), **env) as server:
         url = f"{server.url}/classify"
         run_closed_loop(url, requests, args.concurrency, 3, server.headers)  # warm-up
@@ -152,7 +158,7 @@ def main() -> None:
         n = max(1, result["requests"])
         per_process = {f"{role} ({pid})": round((_cpu_seconds(Path(f"/proc/{pid}/stat")) - before[pid]) / n * 1000, 2)
                        for pid, role in processes.items()}
-        report = {"env": env, "form": args.form, "concurrency": args.concurrency, "load": result,
+        report = {"env": env, "form": args.form, "tiles": args.tiles, "concurrency": args.concurrency, "load": result,
                   "cpu_ms_per_request": {"total": round(sum(per_process.values()), 2), **per_process},
                   "rss_mb_after_load": {f"{role} ({pid})": rss_mb(pid) for pid, role in processes.items()}}
         if api:

@@ -648,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--service-seconds", type=float, default=4.0, help="timing window per HTTP cell")
     bg.add_argument("--no-service", action="store_true", help="in-process engines only")
     bg.add_argument("--no-engines", action="store_true", help="the service over HTTP only")
+    bg.add_argument("--workers", type=int, nargs="+", default=[1],
+                    help="API process counts to serve with (MEDCL_WORKERS), e.g. 1 4 8")
+    bg.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="clients per HTTP cell")
     bg.add_argument("--out", type=Path, default=Path("docs/benchmarks-gpu"), help="writes OUT.json and OUT.md")
     bg.set_defaults(func=cmd_bench_gpu)
 

@@ -36,8 +36,10 @@ def api_workers() -> int:
     """API processes (MEDCL_WORKERS). Each holds its own inline models and its own readers of the case
     index; they share nothing but the model files and the index's SQLite file, whose writes any worker
     sees on its next read (medcl/index/embedded.py). Default: one per two cores on hosts with more than
-    four, where one Python process (its event loop, its GIL) is the limit; one below that, where a second
-    process would only compete with the model for the same cores."""
+    four, where one Python process (its event loop, its GIL) is the limit; one below that. Even on two
+    cores a second process serves more (1.47x the single-image requests, docs/benchmarks.md), but each
+    holds its own models and answers POST /models/reload alone (the others follow the store on their
+    next check), so small hosts opt in with MEDCL_WORKERS=2."""
     explicit = os.environ.get("MEDCL_WORKERS", "").strip()
     if explicit:
         if not explicit.isdigit() or int(explicit) < 1:

@@ -136,3 +136,18 @@ def test_segmentation_timing_runs_the_network_only_where_the_service_would(segme
     text = "\n".join(markdown(result, None))
     assert "| classical (answers: classical 1;" in text and "| network-or-classical (answers: " in text
     assert "| inference (in process) | 0.0 | " in text
+
+
+def test_gpu_bench_serves_with_each_api_process_count(tiny_package: Path, tmp_path: Path) -> None:
+    """`medcl bench-gpu --workers 1 2`'s service part (here on the CPU): each count is served and every
+    request answered; the rows say which count they measured."""
+    from bench.gpu import bench_service
+    from bench.speed import Subject, demo_images
+
+    images, _ = demo_images(8)
+    subject = Subject("demo", tiny_package, tiny_package, None, images, 28, 0.0)
+    rows = bench_service(subject, tmp_path, seconds=0.5, tiles=2, workers=(1, 2), concurrency=(4,))["rows"]
+    assert len(rows) == 2 * 2 * 2  # API process counts x batch-runner rules x request kinds
+    assert {r["batch_runners"].split(",")[0] for r in rows} == {"1 API process", "2 API processes"}
+    for r in rows:
+        assert r["requests"] > 0 and set(r["statuses"]) == {"200"}, r
