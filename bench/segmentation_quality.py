@@ -158,9 +158,10 @@ METHODS = {"classical": ("classical: colour deconvolution + Otsu + watershed", 0
            "patch_contrast": ("self-supervised patch contrast (no labels)", 0.0),
            "patch_contrast+stain_input+refined": ("patch contrast, stain input channel, self-training on "
                                                   "stain-agreement pseudo-labels (no labels)", 0.0),
-           "patch_contrast+stain_input+refined+more_data": ("the same, trained on every unlabelled H&E at hand "
-                                                            "(MoNuSeg training, CRC, Kather, PatchCamelyon; "
-                                                            "no labels)", 0.0),
+           "patch_contrast+stain_input+refined+more_data": ("patch contrast, stain input channel, self-training, "
+                                                            "trained on every unlabelled H&E at hand (MoNuSeg "
+                                                            "training, CRC, Kather, PatchCamelyon; no labels)",
+                                                            0.0),
            "supervised_unet": ("supervised U-Net (MoNuSeg train masks)", 1.0)}
 
 
