@@ -35,15 +35,31 @@ def _cpu_seconds(stat_path: Path) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _descends_from(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        pid = _parent(pid)
+    return False
+
+
 def service_processes(root: int) -> dict[int, str]:
-    """The server's processes (pid -> short role) found by their command lines."""
+    """The server's processes (pid -> short role): ``root`` and its descendants, named by their command
+    lines (another service on the host, or one still shutting down, is not counted)."""
     out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
         except OSError:
             continue
-        if "service.service:Medcl" not in cmd:
+        if "service.service:Medcl" not in cmd or not _descends_from(int(pid), root):
             continue
         if "--service-name medcl-model-" in cmd:
             out[int(pid)] = "model process " + cmd.split("--service-name ")[1].split()[0]
