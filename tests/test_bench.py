@@ -151,3 +151,12 @@ def test_gpu_bench_serves_with_each_api_process_count(tiny_package: Path, tmp_pa
     assert {r["batch_runners"].split(",")[0] for r in rows} == {"1 API process", "2 API processes"}
     for r in rows:
         assert r["requests"] > 0 and set(r["statuses"]) == {"200"}, r
+
+
+def test_service_cpu_counts_only_the_servers_own_process_tree() -> None:
+    import os
+
+    from bench.service_cpu import _descends_from
+
+    assert _descends_from(os.getpid(), os.getppid())  # this test's process descends from its parent
+    assert not _descends_from(os.getppid(), os.getpid())  # and not the other way round
