@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.http_load import multipart_images, raw_image, run_closed_loop
@@ -105,35 +106,40 @@ def thread_names(pid: int) -> dict[int, str]:
     return names
 
 
+def _main_thread_samples(raw: Path) -> Iterator[tuple[list[str], int]]:
+    """(frames outermost first, sample count) of each main-thread stack in py-spy's raw output."""
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if "MainThread" in stack:
+            yield stack.split(";"), int(n)
+
+
+def _shares(counts: Counter[str], total: int, top: int) -> list[tuple[str, float]]:
+    return [(frame, round(n / total, 3)) for frame, n in counts.most_common(top)] if total else []
+
+
 def event_loop_self_time(raw: Path, top: int = 25) -> list[tuple[str, float]]:
     """Share of the main thread's samples whose innermost frame is in each function (with its file):
     where the event loop's CPU actually goes, not what encloses it."""
     counts: Counter[str] = Counter()
     total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        if "MainThread" not in stack:
-            continue
-        total += int(n)
-        leaf = stack.split(";")[-1]
-        name, _, where = leaf.partition(" (")
-        counts[f"{name} ({where.split('/')[-1].split(':')[0]}"] += int(n)
-    return [(frame + ")", round(n / total, 3)) for frame, n in counts.most_common(top)] if total else []
+    for frames, n in _main_thread_samples(raw):
+        total += n
+        name, _, where = frames[-1].partition(" (")
+        counts[f"{name} ({where.split('/')[-1].split(':')[0]})"] += n
+    return _shares(counts, total, top)
 
 
 def event_loop_hotspots(raw: Path, top: int = 15) -> list[tuple[str, float]]:
     """Inclusive share of the main thread's samples per frame, from py-spy's raw output."""
     counts: Counter[str] = Counter()
     total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        if "MainThread" not in stack:
-            continue
-        total += int(n)
+    for frames, n in _main_thread_samples(raw):
+        total += n
         # the first frames are the same in every sample (thread, runpy, click, uvicorn, asyncio.run)
-        for frame in set(stack.split(";")[8:]):
-            counts[frame.split(" (")[0]] += int(n)
-    return [(frame, round(n / total, 3)) for frame, n in counts.most_common(top)] if total else []
+        for frame in set(frames[8:]):
+            counts[frame.split(" (")[0]] += n
+    return _shares(counts, total, top)
 
 
 def main() -> None:

@@ -49,16 +49,20 @@ DOCS_PATHS = frozenset({"/", "/docs.json", "/schema.json"})
 # Request ids: 16 random hex digits drawn once per process, then a counter. Unique across processes and
 # restarts as uuid4 is, without uuid4's read of the kernel's random source on every request (py-spy:
 # ~10% of the event loop's time at concurrency 32).
-_ID_STATE: dict[int, tuple[str, itertools.count]] = {}
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def _new_id_prefix() -> None:
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX, _ID_COUNTER = os.urandom(8).hex(), itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)  # a process forked after import draws its own prefix
 
 
 def new_request_id() -> str:
-    pid = os.getpid()  # a process forked after import draws its own prefix
-    if pid not in _ID_STATE:
-        _ID_STATE.clear()
-        _ID_STATE[pid] = (os.urandom(8).hex(), itertools.count(1))
-    prefix, counter = _ID_STATE[pid]
-    return f"{prefix}{next(counter):016x}"
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 def _json_logger() -> logging.Logger:
