@@ -42,6 +42,9 @@ class PreprocessSpec(BaseModel):
     channel_order: Literal["RGB"] = "RGB"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # Microns per pixel of the training images. With it, a tile sent with its own pixel size has the
+    # same field of view cut from it: crop_pixels x (this / the tile's) source pixels, then resized.
+    pixel_size_um: float | None = Field(default=None, gt=0.0)
 
     @model_validator(mode="after")
     def _crop_is_defined(self) -> "PreprocessSpec":
@@ -49,6 +52,8 @@ class PreprocessSpec(BaseModel):
             raise ValueError("crop 'center' needs exactly one of crop_pixels or crop_fraction")
         if self.crop == "none" and (self.crop_pixels is not None or self.crop_fraction is not None):
             raise ValueError("crop_pixels/crop_fraction are only meaningful with crop 'center'")
+        if self.pixel_size_um is not None and self.crop_pixels is None:
+            raise ValueError("pixel_size_um needs crop 'center' with crop_pixels (the field of view it scales)")
         return self
 
     @field_validator("std")
@@ -69,6 +74,10 @@ class ArchitectureSpec(BaseModel):
     width: int = Field(default=64, ge=8)
     embedding_dim: int = Field(default=64, ge=2)
     feature_dim: int | None = None  # pooled backbone width, filled in by the model factory
+    # Inference only (training is unchanged): "d4" averages logits and embeddings over the 8 flips and
+    # quarter-turns of a square tile, for tiles that have no "up" (histology). It is part of the
+    # exported graph, so the service, evaluation and the drift reference all see the same answer.
+    test_time_augmentation: Literal["none", "d4"] = "none"
 
 
 class DataSpec(BaseModel):
@@ -98,6 +107,26 @@ class OnnxSpec(BaseModel):
     parity: dict[str, float | int | str] = {}
     # fp16/int8 files beside model.onnx, with their agreement, task-metric change and speed vs fp32
     variants: dict[str, dict[str, float | int | str | bool]] = {}
+
+
+class OodSpec(BaseModel):
+    """The out-of-distribution flag of a classifier (medcl/drift.py), from two label-free signals:
+
+    - ``threshold``: on the cosine distance from the image's embedding to the nearest embedding of the
+      package's training sample (``ood_score`` in answers);
+    - ``image_threshold``: on the Mahalanobis distance of the image's colour and texture statistics from
+      the training images' (``image_ood_score``).
+
+    An image is in distribution when neither exceeds its threshold. Each threshold is the ``quantile``
+    of its score over the run's validation images (cut from the training data, never the test split)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: Literal["nearest_training_cosine_distance"] = "nearest_training_cosine_distance"
+    threshold: float = Field(ge=0.0, le=2.0)
+    image_threshold: float | None = Field(default=None, ge=0.0)
+    quantile: float = Field(gt=0.0, lt=1.0)
+    images: int = Field(ge=1)  # validation images the thresholds were set on
 
 
 class SegmentationSpec(BaseModel):
@@ -153,6 +182,7 @@ class Card(BaseModel):
     code_version: str = ""
     onnx: OnnxSpec | None = None
     segmentation: SegmentationSpec | None = None
+    ood: OodSpec | None = None  # classifiers trained with a validation split
 
     @model_validator(mode="after")
     def _segmenter_has_rules(self) -> "Card":

@@ -244,15 +244,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from medcl.demo import fill_demo_index, prepare_demo, prepare_demo_segmenter
+    from medcl import demo
+    from medcl.card import Card
 
-    package = prepare_demo(force=args.force)
-    segmenter = prepare_demo_segmenter(force=args.force)
-    fill_demo_index(package)
-    models = f"demo-bloodmnist={package},demo-nuclei={segmenter}"
+    if args.action == "build-pcam":
+        if args.data is None:
+            raise UsageError("demo build-pcam needs --data DIR (PatchCamelyon as DIR/{train,valid}/{0,1}/*.jpg)")
+        if args.steps is not None and args.steps < 1:
+            raise UsageError("--steps must be at least 1")
+        package = demo.build_pcam_demo(args.data, out=args.out or demo.DEMO_PCAM, runs=args.runs, steps=args.steps)
+        print(json.dumps({"package": str(package), "metrics": {k: v for k, v in Card.load(package).metrics.items()
+                                                                if isinstance(v, float)}}))
+        return 0
+    package = demo.prepare_demo(force=args.force)
+    segmenter = demo.prepare_demo_segmenter(force=args.force)
+    pcam = demo.prepare_demo_pcam()
+    demo.fill_demo_index(package)
+    demo.fill_pcam_index(pcam)
+    models = f"demo-bloodmnist={package},demo-nuclei={segmenter},demo-pcam={pcam}"
     if args.action == "serve":
         return _bentoml_serve(None, args.port, args.host, models=models)
-    print(json.dumps({"package": str(package), "segmenter": str(segmenter)}))
+    print(json.dumps({"package": str(package), "segmenter": str(segmenter), "pcam": str(pcam)}))
     return 0
 
 
@@ -439,14 +451,18 @@ def _client_call(args: argparse.Namespace, call: str) -> int:
         for i in range(0, len(files), args.batch_size):
             batch = files[i:i + args.batch_size]
             if call == "classify":
-                answers = client.classify(batch, top_k=args.top_k, model=args.model)
+                answers = client.classify(batch, top_k=args.top_k, model=args.model, pixel_size_um=args.pixel_size_um)
             elif call == "segment":
                 answers = client.segment(batch, pixel_size_um=args.pixel_size_um, return_geojson=args.geojson,
                                          model=args.model, modality=args.modality)
             else:
-                answers = client.embed(batch, model=args.model)
+                answers = client.embed(batch, model=args.model, pixel_size_um=args.pixel_size_um)
             for f, answer in zip(batch, answers):
                 print(json.dumps({"file": str(f), **answer}), flush=True)
+                if answer.get("in_distribution") is False:
+                    print(f"medcl: {f} is out of distribution for {answer.get('model')} (ood_score "
+                          f"{answer.get('ood_score')}): unlike its training images, do not trust its label",
+                          file=sys.stderr, flush=True)
     return 0
 
 
@@ -605,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--model", help="which served model (default: the service's default for the task)")
         if name == "predict":
             c.add_argument("--top-k", type=int, default=3)
+        if name in ("predict", "embed"):
+            c.add_argument("--pixel-size-um", type=float, help="µm per pixel of the tiles: each is cut to the model's "
+                                                               "field of view (models whose card records a pixel size)")
         if name == "segment":
             c.add_argument("--pixel-size-um", type=float, help="µm per pixel of the tiles (areas in µm², resampling)")
             c.add_argument("--geojson", action="store_true", help="include a GeoJSON FeatureCollection per tile")
@@ -654,9 +673,14 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--out", type=Path, default=Path("docs/benchmarks-gpu"), help="writes OUT.json and OUT.md")
     bg.set_defaults(func=cmd_bench_gpu)
 
-    d = sub.add_parser("demo", help="train the demo model if needed, then serve it")
-    d.add_argument("action", choices=["prepare", "serve"])
+    d = sub.add_parser("demo", help="train the demo models if needed, then serve them (build-pcam: rebuild the "
+                                    "carried PatchCamelyon model)")
+    d.add_argument("action", choices=["prepare", "serve", "build-pcam"])
     d.add_argument("--force", action="store_true", help="retrain even if the demo package exists")
+    d.add_argument("--data", type=Path, help="build-pcam: PatchCamelyon as DIR/{train,valid}/{0,1}/*.jpg")
+    d.add_argument("--out", type=Path, help="build-pcam: where package/ and index/ go (default: demo/pcam)")
+    d.add_argument("--runs", type=Path, help="build-pcam: training runs folder (default: MEDCL_HOME/runs)")
+    d.add_argument("--steps", type=int, help="build-pcam: a shortened run of this many steps (for tests)")
     d.add_argument("--port", type=int, default=default_port)
     d.add_argument("--host", default=os.environ.get("MEDCL_HOST", "127.0.0.1"))
     d.set_defaults(func=cmd_demo)

@@ -80,12 +80,15 @@ class _Calls:
     """What each call sends: (method, path, idempotent, httpx arguments). Shared by both clients."""
 
     @staticmethod
-    def classify(images: Iterable[ImageInput], top_k: int = 5, model: str | None = None):
-        return "POST", "/classify", True, {"files": _files(images), "data": _form({"top_k": top_k, "model": model})}
+    def classify(images: Iterable[ImageInput], top_k: int = 5, model: str | None = None,
+                 pixel_size_um: float | None = None):
+        fields = {"top_k": top_k, "model": model, "pixel_size_um": pixel_size_um}
+        return "POST", "/classify", True, {"files": _files(images), "data": _form(fields)}
 
     @staticmethod
-    def embed(images: Iterable[ImageInput], model: str | None = None):
-        return "POST", "/embed", True, {"files": _files(images), "data": _form({"model": model})}
+    def embed(images: Iterable[ImageInput], model: str | None = None, pixel_size_um: float | None = None):
+        return "POST", "/embed", True, {"files": _files(images),
+                                        "data": _form({"model": model, "pixel_size_um": pixel_size_um})}
 
     @staticmethod
     def segment(images: Iterable[ImageInput], pixel_size_um: float | None = None, return_mask: bool = False,
@@ -170,11 +173,14 @@ class MedclClient(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def classify(self, images: Iterable[ImageInput], top_k: int = 5, model: str | None = None) -> list[dict]:
-        return self._request(*_Calls.classify(images, top_k, model))
+    def classify(self, images: Iterable[ImageInput], top_k: int = 5, model: str | None = None,
+                 pixel_size_um: float | None = None) -> list[dict]:
+        """Each answer carries ``in_distribution`` (false: unlike the model's training images)."""
+        return self._request(*_Calls.classify(images, top_k, model, pixel_size_um))
 
-    def embed(self, images: Iterable[ImageInput], model: str | None = None) -> list[dict]:
-        return self._request(*_Calls.embed(images, model))
+    def embed(self, images: Iterable[ImageInput], model: str | None = None,
+              pixel_size_um: float | None = None) -> list[dict]:
+        return self._request(*_Calls.embed(images, model, pixel_size_um))
 
     def segment(self, images: Iterable[ImageInput], pixel_size_um: float | None = None, return_mask: bool = False,
                 return_geojson: bool = False, model: str | None = None, modality: str = "auto") -> list[dict]:
@@ -234,11 +240,13 @@ class AsyncMedclClient(_Base):
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def classify(self, images: Iterable[ImageInput], top_k: int = 5, model: str | None = None) -> list[dict]:
-        return await self._request(*_Calls.classify(images, top_k, model))
+    async def classify(self, images: Iterable[ImageInput], top_k: int = 5, model: str | None = None,
+                       pixel_size_um: float | None = None) -> list[dict]:
+        return await self._request(*_Calls.classify(images, top_k, model, pixel_size_um))
 
-    async def embed(self, images: Iterable[ImageInput], model: str | None = None) -> list[dict]:
-        return await self._request(*_Calls.embed(images, model))
+    async def embed(self, images: Iterable[ImageInput], model: str | None = None,
+                    pixel_size_um: float | None = None) -> list[dict]:
+        return await self._request(*_Calls.embed(images, model, pixel_size_um))
 
     async def segment(self, images: Iterable[ImageInput], pixel_size_um: float | None = None,
                       return_mask: bool = False, return_geojson: bool = False, model: str | None = None,

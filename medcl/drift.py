@@ -7,6 +7,12 @@ Two signals per model version, measured on every image the service classifies or
 - **distance to the training set**: cosine distance from an image's embedding to the nearest of a
   fixed sample of training embeddings (at most 2,048): new scanners, stains or tissue move it.
 
+The second signal is also answered per image: ``/classify`` returns it as ``ood_score`` with an
+``in_distribution`` flag against the card's threshold (``ood_threshold``: a high quantile of the
+validation images' distances). Nearest-neighbour distance in a contrastive embedding is a standard
+label-free OOD detector (Sun et al., "Out-of-distribution detection with deep nearest neighbors",
+ICML 2022).
+
 The reference for both comes from training (``drift_reference.npz``, written by the engine and
 carried in the package): the held-out images' confidences and distances, i.e. what in-distribution
 traffic looks like. The service exports the traffic as Prometheus histograms and the reference as
@@ -39,6 +45,17 @@ class Reference:
     train_embeddings: np.ndarray  # (R, D) L2-normalised float32
     confidence: np.ndarray  # held-out top-class probabilities
     distance: np.ndarray  # held-out nearest-training cosine distances
+    # Gaussian of the training images' colour and texture statistics (image_statistics); None in
+    # references written before it existed
+    statistics_mean: np.ndarray | None = None
+    statistics_precision: np.ndarray | None = None
+
+    def image_distance(self, pixels: np.ndarray) -> np.ndarray | None:
+        """Mahalanobis distance of each image's statistics from the training images' (None without them)."""
+        if self.statistics_mean is None or self.statistics_precision is None:
+            return None
+        z = image_statistics(pixels) - self.statistics_mean
+        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", z, self.statistics_precision, z), 0.0))
 
     def values(self, signal: str) -> np.ndarray:
         return self.confidence if signal == "confidence" else self.distance
@@ -64,20 +81,60 @@ def top_confidence(logits: np.ndarray) -> np.ndarray:
     return (p / p.sum(axis=1, keepdims=True)).max(axis=1)
 
 
+OOD_QUANTILE = 0.99
+
+
+def image_statistics(pixels: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) model pixels (uint8, or float on the same 0-255 scale) -> (N, 14) colour and texture
+    statistics: per-channel mean and spread of intensity and of optical density, and mean gradient across
+    and along. The second out-of-distribution signal: a classifier's embedding answers "which class", and
+    a blood smear or a skin photograph can land near a class of H&E patches there, while its colours and
+    texture are plainly not those of any training image."""
+    x = np.asarray(pixels, np.float32) / 255.0
+    density = -np.log(np.clip(x, 1.0 / 255.0, 1.0))
+    grey = x.mean(axis=-1)
+    grad = np.stack([np.abs(np.diff(grey, axis=2)).mean(axis=(1, 2)), np.abs(np.diff(grey, axis=1)).mean(axis=(1, 2))], 1)
+    return np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2)), density.mean(axis=(1, 2)),
+                           density.std(axis=(1, 2)), grad], axis=1)
+
+
+def statistics_gaussian(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (lightly regularised) precision matrix of the training images' statistics."""
+    stats = image_statistics(pixels).astype(np.float64)
+    cov = np.cov(stats, rowvar=False) + 1e-6 * np.eye(stats.shape[1])
+    return stats.mean(axis=0).astype(np.float32), np.linalg.inv(cov).astype(np.float32)
+
+
+def bank_as_stored(train_embeddings: np.ndarray) -> np.ndarray:
+    """The training sample as the package carries it (float16), so thresholds are set on the same bank
+    the service compares with."""
+    return _unit(train_embeddings).astype(np.float16).astype(np.float32)
+
+
+def ood_threshold(validation_distance: np.ndarray, quantile: float = OOD_QUANTILE) -> float:
+    """The distance above which an image is called out of distribution: ``quantile`` of the
+    validation images' distances (1% of in-distribution images flagged at the default)."""
+    return float(np.quantile(np.asarray(validation_distance, np.float64), quantile))
+
+
 def build_reference(train_embeddings: np.ndarray, heldout_logits: np.ndarray, heldout_embeddings: np.ndarray,
-                    seed: int = 0) -> Reference:
-    """The reference from training embeddings (sampled) and the held-out images' outputs."""
+                    seed: int = 0, train_pixels: np.ndarray | None = None) -> Reference:
+    """The reference from training embeddings (sampled), the held-out images' outputs and, given the
+    training images' pixels, the Gaussian of their statistics."""
     rng = np.random.default_rng(seed)
     pick = rng.permutation(len(train_embeddings))[:REFERENCE_SAMPLE]
-    bank = _unit(train_embeddings[np.sort(pick)])
+    bank = bank_as_stored(train_embeddings[np.sort(pick)])
+    mean, precision = statistics_gaussian(train_pixels) if train_pixels is not None else (None, None)
     return Reference(bank, top_confidence(heldout_logits).astype(np.float32),
-                     nearest_distance(heldout_embeddings, bank))
+                     nearest_distance(heldout_embeddings, bank), mean, precision)
 
 
 def save_reference(reference: Reference, directory: Path) -> Path:
     path = Path(directory) / REFERENCE_FILE
+    extra = {} if reference.statistics_mean is None else {"statistics_mean": reference.statistics_mean,
+                                                          "statistics_precision": reference.statistics_precision}
     np.savez_compressed(path, train_embeddings=reference.train_embeddings.astype(np.float16),
-                        confidence=reference.confidence, distance=reference.distance)
+                        confidence=reference.confidence, distance=reference.distance, **extra)
     return path
 
 
@@ -86,7 +143,8 @@ def load_reference(directory: Path) -> Reference | None:
     if not path.is_file():
         return None
     with np.load(path) as z:
-        return Reference(z["train_embeddings"].astype(np.float32), z["confidence"], z["distance"])
+        stats = (z["statistics_mean"], z["statistics_precision"]) if "statistics_mean" in z.files else (None, None)
+        return Reference(z["train_embeddings"].astype(np.float32), z["confidence"], z["distance"], *stats)
 
 
 def bucket_fractions(values: np.ndarray, bounds: tuple[float, ...]) -> np.ndarray:
@@ -114,3 +172,15 @@ def compare(reference_cumulative: list[float], traffic_cumulative_counts: list[f
         return {"images": 0, "psi": None, "shifted": False}
     value = psi(ref, counts / n)
     return {"images": int(n), "psi": round(value, 4), "shifted": bool(value > threshold and not math.isnan(value))}
+
+
+def in_distribution(ood, distance: float | None, image_score: float | None) -> bool | None:
+    """The card's flag (``ood``: medcl.card.OodSpec or None): true when each score the package gives is
+    within its threshold; None when there is no threshold or no score to judge by."""
+    if ood is None or distance is None:
+        return None
+    if distance > ood.threshold:
+        return False
+    if ood.image_threshold is not None and image_score is not None:
+        return image_score <= ood.image_threshold
+    return True

@@ -106,13 +106,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def center_crop_box(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:
-    """The (left, top, right, bottom) box of the card's centre crop on an image of this size."""
+def center_crop_box(width: int, height: int, spec: PreprocessSpec,
+                    pixel_size_um: float | None = None) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) box of the card's centre crop on an image of this size; with the
+    image's pixel size (and one in the card), the box covers the card's field of view."""
     short = min(width, height)
     if spec.crop == "none":
         return (0, 0, width, height)
     if spec.crop_pixels is not None:
-        side = min(spec.crop_pixels, short)
+        side = spec.crop_pixels
+        if pixel_size_um and spec.pixel_size_um:
+            side = max(1, int(round(spec.crop_pixels * spec.pixel_size_um / pixel_size_um)))
+        side = min(side, short)
     else:
         side = max(1, int(round(short * float(spec.crop_fraction or 1.0))))
     left = (width - side) // 2
@@ -120,10 +125,14 @@ def center_crop_box(width: int, height: int, spec: PreprocessSpec) -> tuple[int,
     return (left, top, left + side, top + side)
 
 
-def to_model_pixels(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """Crop and resize as the card says; returns uint8 array of shape (input_size, input_size, 3)."""
+def to_model_pixels(image: Image.Image, spec: PreprocessSpec, pixel_size_um: float | None = None) -> np.ndarray:
+    """Crop and resize as the card says; returns uint8 array of shape (input_size, input_size, 3).
+
+    ``pixel_size_um`` (the image's microns per pixel) makes the crop cover the card's field of view,
+    e.g. a 40x tile (0.25 um/px) sent to a 10x model (0.97 um/px, 96 px) has its centre 373 px cut
+    and resized to 96."""
     rgb = to_rgb(image)
-    box = center_crop_box(rgb.width, rgb.height, spec)
+    box = center_crop_box(rgb.width, rgb.height, spec, pixel_size_um)
     if box != (0, 0, rgb.width, rgb.height):
         rgb = rgb.crop(box)
     size = (spec.input_size, spec.input_size)

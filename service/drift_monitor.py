@@ -31,6 +31,18 @@ class DriftMonitor:
         for value in top_confidence(logits):
             self._confidence.observe(float(value))
 
-    def observe_embeddings(self, embeddings: np.ndarray) -> None:
-        for value in nearest_distance(embeddings, self.reference.train_embeddings):
+    def image_scores(self, batch: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray | None:
+        """The image statistics' distance (image_ood_score) of a normalised (N, 3, H, W) batch, on the
+        0-255 pixels it came from; None for a reference without statistics."""
+        if self.reference.statistics_mean is None:
+            return None
+        scale = np.asarray(std, np.float32) * 255.0
+        offset = np.asarray(mean, np.float32) * 255.0
+        return self.reference.image_distance(batch.transpose(0, 2, 3, 1) * scale + offset)
+
+    def observe_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+        """Record each image's distance to the training sample; the distances (answered as ood_score)."""
+        distances = nearest_distance(embeddings, self.reference.train_embeddings)
+        for value in distances:
             self._distance.observe(float(value))
+        return distances

@@ -32,6 +32,7 @@ from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, Serv
 from pydantic import BaseModel, Field, TypeAdapter
 
 from medcl.answers import softmax
+from medcl.drift import in_distribution
 from medcl.answers import top_k as most_probable  # `top_k` is the API's parameter name
 from medcl.card import Card
 from medcl.index import index_root, open_index
@@ -109,6 +110,11 @@ class CasesAdded(BaseModel):
 
 
 MODEL_FIELD = Field(None, description="Which served model (GET /models lists them); default: the configured default")
+# ge: OpenAPI 3.0 has no numeric exclusiveMinimum
+TILE_PIXEL_SIZE = Annotated[float | None, Field(
+    ge=0.01, le=100, description="Microns per pixel of the images sent: each is cut to the model's field of view "
+                                 "(its card's pixel_size_um x crop) before resizing; refused for a model whose card "
+                                 "has no pixel size")]
 MAX_SEGMENT_PIXELS = int(os.environ.get("MEDCL_MAX_SEGMENT_PIXELS", 4096 * 4096))  # per image
 MAX_SEGMENT_REQUEST_PIXELS = int(os.environ.get("MEDCL_MAX_SEGMENT_REQUEST_PIXELS", 2 * 4096 * 4096))  # all images
 
@@ -124,6 +130,16 @@ class Prediction(BaseModel):
     top_k: list[ClassScore]
     model: str
     model_version: str
+    ood_score: float | None = Field(
+        None, description="Cosine distance from the image's embedding to the nearest of the model's training "
+                          "embeddings (a sample carried in its package); null for a package without one")
+    image_ood_score: float | None = Field(
+        None, description="Mahalanobis distance of the image's colour and texture statistics from the model's "
+                          "training images'; null for a package without them")
+    in_distribution: bool | None = Field(
+        None, description="Both scores at or below the model card's thresholds (set on its validation images); "
+                          "false means the image is unlike anything the model was trained on, so its label is "
+                          "not to be trusted; null when the card has no thresholds")
 
 
 class Embedding(BaseModel):
@@ -193,6 +209,10 @@ class ModelInfo(BaseModel):
     variant_speeds: dict[str, float] = Field(default_factory=dict,
                                              description="Images/s of each candidate graph at batch 8, measured "
                                              "at load on this host (empty when there was no choice)")
+    pixel_size_um: float | None = Field(None, description="Microns per pixel of its training images, if known")
+    ood_threshold: float | None = Field(None, description="/classify flags an image as out of distribution "
+                                        "above this ood_score (set on the model's validation images)")
+    image_ood_threshold: float | None = Field(None, description="... or above this image_ood_score")
     metrics: dict
 
 
@@ -594,56 +614,73 @@ class Medcl:
             metrics.ERRORS.labels(endpoint, "undecodable").inc()
             raise InvalidArgument(f"image {index} ({name}): {e}") from None
 
-    def _prepare(self, uploads: list[tuple[str, bytes]], endpoint: str, active: Active) -> np.ndarray:
+    def _prepare(self, uploads: list[tuple[str, bytes]], endpoint: str, active: Active,
+                 pixel_size_um: float | None = None) -> np.ndarray:
         preprocess = active.card.preprocess
+        if pixel_size_um is not None and preprocess.pixel_size_um is None:
+            metrics.ERRORS.labels(endpoint, "no_pixel_size").inc()
+            raise InvalidArgument(f"model {active.name!r} does not record the pixel size it was trained at, so "
+                                  "pixel_size_um cannot be used with it; send the tile without it")
         pixels = []
         for i, (name, data) in enumerate(uploads):
             if i % 16 == 0:
                 check_alive()
-            pixels.append(to_model_pixels(self._decode(i, name, data, endpoint), preprocess))
+            pixels.append(to_model_pixels(self._decode(i, name, data, endpoint), preprocess, pixel_size_um))
         metrics.IMAGES.labels(endpoint, active.name).inc(len(pixels))
         return normalise(np.stack(pixels), preprocess)
 
     @bentoml.api(route="/classify")
     def classify(self, images: list[Path] = Field(default_factory=list), images_base64: list[str] = IMAGES_BASE64,
-                 top_k: Annotated[int, Field(ge=1, le=100)] = 5, model: str | None = MODEL_FIELD) -> list[Prediction]:
-        """Class, probability and top-k classes for each image, in the order sent."""
-        return self.classify_uploads(self._uploads(images, images_base64, "classify"), top_k=top_k, model=model)
+                 top_k: Annotated[int, Field(ge=1, le=100)] = 5, model: str | None = MODEL_FIELD,
+                 pixel_size_um: TILE_PIXEL_SIZE = None) -> list[Prediction]:
+        """Class, probability and top-k classes for each image, in the order sent, with its
+        out-of-distribution score and flag."""
+        return self.classify_uploads(self._uploads(images, images_base64, "classify"), top_k=top_k, model=model,
+                                     pixel_size_um=pixel_size_um)
 
     def classify_uploads(self, uploads: list[tuple[str, bytes]], top_k: int = 5,
-                         model: str | None = None) -> list[Prediction]:
+                         model: str | None = None, pixel_size_um: float | None = None) -> list[Prediction]:
         """/classify on (name, bytes) uploads, whichever form of the request carried them."""
         name, active = self.resolve(model, "classify", ("classify",))
         card = active.card
         started = time.perf_counter()
-        batch = self._prepare(uploads, "classify", active)
+        batch = self._prepare(uploads, "classify", active, pixel_size_um)
         scores = self._call_model(active, "scores", batch, "classify")
         logits = scores[:, :card.num_classes]
+        distances: list[float | None] = [None] * len(logits)
+        image_scores: list[float | None] = [None] * len(logits)
         if active.drift is not None:
             active.drift.observe_logits(logits)
-            active.drift.observe_embeddings(scores[:, card.num_classes:])
+            distances = [round(float(d), 6) for d in active.drift.observe_embeddings(scores[:, card.num_classes:])]
+            found = active.drift.image_scores(batch, card.preprocess.mean, card.preprocess.std)
+            if found is not None:
+                image_scores = [round(float(d), 4) for d in found]
         probs = softmax(logits)
         out = []
-        for row in probs:
+        for row, distance, image_score in zip(probs, distances, image_scores):
             best = most_probable(row, card.class_names, top_k)
             out.append(Prediction(label=best[0][0], score=best[0][1],
                                   top_k=[ClassScore(label=label, probability=p) for label, p in best],
-                                  model=name, model_version=card.version))
+                                  model=name, model_version=card.version, ood_score=distance,
+                                  image_ood_score=image_score,
+                                  in_distribution=in_distribution(card.ood, distance, image_score)))
         metrics.observe_request(name, "classify", started)
         return out
 
     @bentoml.api(route="/embed")
     def embed(self, images: list[Path] = Field(default_factory=list), images_base64: list[str] = IMAGES_BASE64,
-              model: str | None = MODEL_FIELD) -> list[Embedding]:
+              model: str | None = MODEL_FIELD, pixel_size_um: TILE_PIXEL_SIZE = None) -> list[Embedding]:
         """The L2-normalised embedding of each image, in the order sent."""
-        return self.embed_uploads(self._uploads(images, images_base64, "embed"), model=model)
+        return self.embed_uploads(self._uploads(images, images_base64, "embed"), model=model,
+                                  pixel_size_um=pixel_size_um)
 
-    def embed_uploads(self, uploads: list[tuple[str, bytes]], model: str | None = None) -> list[Embedding]:
+    def embed_uploads(self, uploads: list[tuple[str, bytes]], model: str | None = None,
+                      pixel_size_um: float | None = None) -> list[Embedding]:
         """/embed on (name, bytes) uploads, whichever form of the request carried them."""
         name, active = self.resolve(model, "embed", ("classify", "embed"))
         card = active.card
         started = time.perf_counter()
-        batch = self._prepare(uploads, "embed", active)
+        batch = self._prepare(uploads, "embed", active, pixel_size_um)
         vectors = self._call_model(active, "embeddings", batch, "embed")
         if active.drift is not None:
             active.drift.observe_embeddings(vectors)
@@ -777,7 +814,9 @@ class Medcl:
 
     def _info(self, name: str, card: Card, runtime: dict) -> ModelInfo:
         return ModelInfo(name=name, default=name == self.default_model, version=card.version, task=card.task,
-                         method=card.method,
+                         method=card.method, pixel_size_um=card.preprocess.pixel_size_um,
+                         ood_threshold=card.ood.threshold if card.ood is not None else None,
+                         image_ood_threshold=card.ood.image_threshold if card.ood is not None else None,
                          classes=[] if card.task == "segment" else card.class_names,
                          input_size=card.preprocess.input_size,
                          embedding_dim=None if card.task == "segment" else card.architecture.embedding_dim,

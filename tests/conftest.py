@@ -90,7 +90,8 @@ def api(service_url: str):
         yield client
 
 
-# --- a tiny nuclei segmenter and a service with two models (segmentation and README tests) --------
+# --- a tiny nuclei segmenter, and a service with the demo's three models (segmentation, histology and
+# README tests): the tiny blood-cell model, the tiny segmenter and the carried PatchCamelyon package ---
 
 @pytest.fixture(scope="session")
 def segmenter_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -111,8 +112,12 @@ def segmenter_package(segmenter_run: Path, tmp_path_factory: pytest.TempPathFact
     return export_onnx(segmenter_run, tmp_path_factory.mktemp("seg-packages") / "tiny-nuclei", parity_data=REPO_ROOT / "demo" / "he-tiles")
 
 
+DEMO_PCAM_PACKAGE = REPO_ROOT / "demo" / "pcam" / "package"
+
+
 @pytest.fixture(scope="session")
-def two_model_service(tiny_package: Path, segmenter_package: Path, tmp_path_factory: pytest.TempPathFactory):
-    folder = tmp_path_factory.mktemp("two-models")
-    with running_service(None, folder, models=f"demo-bloodmnist={tiny_package},demo-nuclei={segmenter_package}") as url:
+def demo_models_service(tiny_package: Path, segmenter_package: Path, tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("demo-models")
+    models = f"demo-bloodmnist={tiny_package},demo-nuclei={segmenter_package},demo-pcam={DEMO_PCAM_PACKAGE}"
+    with running_service(None, folder, models=models) as url:
         yield url

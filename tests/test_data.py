@@ -147,3 +147,31 @@ def test_a_fixed_split_seed_keeps_one_test_split_across_run_seeds(tmp_path: Path
     fixed = moving.model_copy(update={"split_seed": 0})
     assert test_of(fixed, 0) == test_of(fixed, 1) == test_of(fixed, 2)
     assert len({frozenset(test_of(moving, s)) for s in range(3)}) > 1
+
+
+def test_a_folder_source_with_its_own_test_folder_and_class_names(tmp_path: Path) -> None:
+    """PatchCamelyon's layout: train/{0,1} and valid/{0,1}; valid/ is the test split whole, the validation
+    share comes out of train/, and the folders 0/1 are named normal/tumor."""
+    from PIL import Image
+
+    from training.config import DataConfig
+    from training.engine import load_splits
+
+    for part, n in (("train", 20), ("valid", 5)):
+        for label in ("0", "1"):
+            (tmp_path / part / label).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (i * 10, 0, 0)).save(tmp_path / part / label / f"{i}.png")
+    spec = PreprocessSpec(input_size=8, crop="none")
+    data = DataConfig(name="t", kind="folder", path=str(tmp_path / "train"), test_path=str(tmp_path / "valid"),
+                      class_names=["normal", "tumor"], val_fraction=0.2)
+    splits = load_splits(data, spec, 0)
+    assert len(splits.test) == 10 and all(s.split("/")[-3] == "valid" for s in splits.test.sources)
+    assert len(splits.train) + len(splits.val) == 40 and len(splits.val) == 8
+    assert splits.train.class_names == splits.test.class_names == ["normal", "tumor"]
+    with pytest.raises(DataError, match="3 class_names given for the 2 class folders"):
+        load_splits(data.model_copy(update={"class_names": ["a", "b", "c"]}), spec, 0)
+    (tmp_path / "valid" / "2").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "valid" / "2" / "x.png")
+    with pytest.raises(DataError, match="has classes"):
+        load_splits(data.model_copy(update={"class_names": None}), spec, 0)

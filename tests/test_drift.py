@@ -109,3 +109,40 @@ def test_in_distribution_traffic_is_stable_and_tissue_tiles_are_a_shift(tiny_pac
         bad = subprocess.run([sys.executable, "-m", "medcl.cli", "drift", "--url", url, "--model", "nope"],
                              capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no drift signals for model 'nope'" in bad.stderr
+
+
+def test_the_ood_threshold_is_set_on_the_validation_split(tiny_run: Path) -> None:
+    """The card's out-of-distribution threshold: the 99th percentile of the validation images' distance
+    to the training sample (the carried subset's 401 validation images), never the test split's."""
+    from medcl.card import Card
+    from medcl.drift import nearest_distance, ood_threshold
+    from training.config import load_config
+    from training.engine import load_trained, prepare_data
+    from training.metrics import predict
+
+    card = Card.load(tiny_run)
+    assert card.ood is not None and card.ood.images == 401 and card.ood.quantile == 0.99
+    model, _ = load_trained(tiny_run)
+    data = prepare_data(load_config(REPO_ROOT / "configs" / "demo-bloodmnist.yaml"))
+    _, val_emb = predict(model, data.val.images, card.preprocess.mean, card.preprocess.std)
+    distance = nearest_distance(val_emb, load_reference(tiny_run).train_embeddings)
+    assert card.ood.threshold == pytest.approx(ood_threshold(distance), abs=1e-5)
+    assert np.mean(distance > card.ood.threshold) == pytest.approx(0.01, abs=0.006)
+    image_distance = load_reference(tiny_run).image_distance(data.val.images)
+    assert card.ood.image_threshold == pytest.approx(ood_threshold(image_distance), abs=1e-3)
+
+
+def test_image_statistics_tell_histology_from_blood_cells(tiny_run: Path) -> None:
+    """The second signal, on real images: the blood-cell model's test images sit inside the statistics
+    threshold, H&E tiles cropped and resized as the card says fall outside it."""
+    from medcl.card import Card
+    from medcl.preprocess import decode_image, to_model_pixels
+
+    card = Card.load(tiny_run)
+    reference = load_reference(tiny_run)
+    with np.load(REPO_ROOT / "demo" / "bloodmnist-demo.npz") as z:
+        own = reference.image_distance(z["test_images"])
+    tiles = sorted(shared("histology-tiles", "crc-val-he-7k").glob("*.png"))
+    he = reference.image_distance(np.stack([to_model_pixels(decode_image(t), card.preprocess) for t in tiles]))
+    assert np.mean(own > card.ood.image_threshold) < 0.05
+    assert np.mean(he > card.ood.image_threshold) > 0.9

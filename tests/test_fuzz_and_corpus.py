@@ -97,12 +97,12 @@ def test_malformed_requests_get_a_4xx(api: httpx.Client, body: bytes, content_ty
         assert 400 <= r.status_code < 500, (route, r.status_code, r.text)
 
 
-def test_schemathesis_finds_no_server_errors(two_model_service: str) -> None:
+def test_schemathesis_finds_no_server_errors(demo_models_service: str) -> None:
     """Every operation of the schema, /segment included, against a service with a classifier and a segmenter."""
     st = shutil.which("st", path=str(Path(sys.executable).parent))
     if st is None:
         pytest.skip(reason="schemathesis is not installed; runs wherever the dev extra is (make test, CI)")
-    out = subprocess.run([st, "run", f"{two_model_service}/docs.json", "-H", f"Authorization: Bearer {ADMIN_KEY}",
+    out = subprocess.run([st, "run", f"{demo_models_service}/docs.json", "-H", f"Authorization: Bearer {ADMIN_KEY}",
                           "--checks", "not_a_server_error", "--max-examples", "15", "--seed", "1",
                           "--max-time", "75", "--request-timeout", "30"],
                          capture_output=True, text=True, timeout=240)

@@ -76,3 +76,23 @@ def test_views_are_in_range_and_drawn_per_image() -> None:
     per_image_means = jittered.mean(dim=(1, 2, 3))
     assert per_image_means.unique().numel() == 16
     assert torch.allclose(hed_jitter(x, 0.0, g), x)
+
+
+def test_d4_test_time_augmentation_is_the_mean_over_flips_and_turns() -> None:
+    """In eval mode the answer is the mean of the 8 plain answers, so a turned or mirrored tile gets the
+    same answer; training mode is untouched."""
+    torch.manual_seed(0)
+    spec = ArchitectureSpec(backbone="resnet18", stem="small", width=8, embedding_dim=16, test_time_augmentation="d4")
+    model = create_model(spec, num_classes=2).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits, embedding = model(x)
+        views = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+        views += [v.flip(-1) for v in views]
+        plain = [model._forward(v) for v in views]
+        assert torch.allclose(logits, torch.stack([p[0] for p in plain]).mean(0), atol=1e-5)
+        assert torch.allclose(embedding, torch.stack([p[1] for p in plain]).mean(0), atol=1e-5)
+        turned, _ = model(torch.rot90(x, 1, dims=(-2, -1)).flip(-2))
+        assert torch.allclose(turned, logits, atol=1e-4)
+    model.train()
+    assert model(x)[0].shape == (3, 2)  # one plain pass per tile while training

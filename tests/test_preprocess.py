@@ -83,3 +83,18 @@ def test_card_round_trip(tmp_path: Path) -> None:
                 preprocess=BLOOD_SPEC, data=DataSpec(name="d", kind="npz", path="/d.npz"))
     card.save(tmp_path)
     assert Card.load(tmp_path) == card
+
+
+def test_a_tiles_pixel_size_cuts_the_cards_field_of_view() -> None:
+    """A 10x card (0.972 um/px, 96 px crop): a 40x tile (0.25 um/px) has its centre 373 px cut; a tile at
+    the card's own size is cut as without it; a card without a pixel size ignores the tile's."""
+    spec = PreprocessSpec(input_size=96, crop="center", crop_pixels=96, pixel_size_um=0.972)
+    assert center_crop_box(1000, 1000, spec, 0.25) == (313, 313, 686, 686)
+    assert center_crop_box(1000, 1000, spec, 0.972) == center_crop_box(1000, 1000, spec) == (452, 452, 548, 548)
+    assert center_crop_box(200, 300, spec, 0.1) == (0, 50, 200, 250)  # never more than the image holds
+    plain = PreprocessSpec(input_size=96, crop="center", crop_pixels=96)
+    assert center_crop_box(1000, 1000, plain, 0.25) == center_crop_box(1000, 1000, plain)
+    tile = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1000, 1000, 3), dtype=np.uint8))
+    assert to_model_pixels(tile, spec, 0.25).shape == (96, 96, 3)
+    with pytest.raises(ValueError, match="pixel_size_um needs crop 'center' with crop_pixels"):
+        PreprocessSpec(input_size=96, pixel_size_um=0.5)

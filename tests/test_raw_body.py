@@ -87,13 +87,13 @@ def test_other_content_types_still_reach_the_typed_routes(api: httpx.Client) -> 
     assert r.status_code == 400 and "at least one image" in r.json()["error"]
 
 
-def test_raw_segment_answers_like_multipart(two_model_service: str) -> None:
+def test_raw_segment_answers_like_multipart(demo_models_service: str) -> None:
     from tests.conftest import ADMIN_KEY
 
     tile = sorted((Path(__file__).parents[1] / "demo" / "he-tiles").glob("*.png"))[0].read_bytes()
     options = {"pixel_size_um": "0.5", "offset_x": "1000", "offset_y": "2000", "method": "network-or-classical",
                "model": "demo-nuclei"}
-    with httpx.Client(base_url=two_model_service, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as c:
+    with httpx.Client(base_url=demo_models_service, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as c:
         lean = c.post("/segment", content=tile, params=options, headers={"Content-Type": "image/png"})
         form = c.post("/segment", files=[("images", ("body", tile, "image/png"))], data=options)
         assert lean.status_code == form.status_code == 200, lean.text

@@ -12,15 +12,15 @@ import pytest
 from tests.conftest import ADMIN_KEY, REPO_ROOT, shared
 
 MARKER = "tests/test_readme_examples.py runs every curl line of the next block against a real service"
-TWO_MODELS = "with the two demo models"
+DEMO_MODELS = "with the three demo models"
 
 
-def readme_curl_lines(two_models: bool) -> list[str]:
-    """curl lines of the marked blocks; ``two_models`` picks the blocks marked for the two-model service."""
+def readme_curl_lines(demo_models: bool) -> list[str]:
+    """curl lines of the marked blocks; ``demo_models`` picks the blocks marked for the three-model demo service."""
     text = (REPO_ROOT / "README.md").read_text()
     lines = []
     for marker_rest, block in re.findall(re.escape(MARKER) + r"(.*?)\n```bash\n(.*?)```", text, flags=re.S):
-        if (TWO_MODELS in marker_rest) == two_models:
+        if (DEMO_MODELS in marker_rest) == demo_models:
             lines += [line for line in block.splitlines() if line.startswith("curl ")]
     return lines
 
@@ -45,5 +45,5 @@ def test_readme_curl_example(service_url: str, line: str) -> None:
 
 
 @pytest.mark.parametrize("line", readme_curl_lines(True), ids=lambda line: line.split("$MEDCL_URL")[-1][:40])
-def test_readme_two_model_example(two_model_service: str, line: str) -> None:
-    _run(two_model_service, line)
+def test_readme_demo_models_example(demo_models_service: str, line: str) -> None:
+    _run(demo_models_service, line)

@@ -266,14 +266,14 @@ def test_metrics_stay_bounded_under_random_paths(service_url: str) -> None:
     assert after < before * 1.05 + 2000, (before, after)
 
 
-def test_abandoned_segmentation_stops(two_model_service: str) -> None:
+def test_abandoned_segmentation_stops(demo_models_service: str) -> None:
     """A client that leaves a large /segment: the service's CPU falls idle soon after (windows and
     images check the request's state); bench/attacks.py measures how soon at full size."""
-    pid = _service_pid(two_model_service)
+    pid = _service_pid(demo_models_service)
     data, _ = he_tile_jpeg(3000)
     files = [("images", (f"big{i}.jpg", data, "image/jpeg")) for i in range(3)]
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{two_model_service}/segment", files=files, data={"method": "network"}, headers=AUTH,
+        httpx.post(f"{demo_models_service}/segment", files=files, data={"method": "network"}, headers=AUTH,
                    timeout=3)
     left = time.monotonic()
     last = tree_cpu_seconds(pid)

@@ -236,24 +236,24 @@ def _post(url: str, path: str, files: list[tuple[str, bytes]] | None = None, **d
                       files=[("images", f) for f in files or []], data=data)
 
 
-def test_models_lists_both_models_with_what_runs_them(two_model_service: str) -> None:
+def test_models_lists_both_models_with_what_runs_them(demo_models_service: str) -> None:
     import httpx
 
-    models = httpx.get(f"{two_model_service}/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    models = httpx.get(f"{demo_models_service}/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                        timeout=30).json()["models"]
     by_name = {m["name"]: m for m in models}
-    assert set(by_name) == {"demo-bloodmnist", "demo-nuclei"}
+    assert set(by_name) == {"demo-bloodmnist", "demo-nuclei", "demo-pcam"}
     assert by_name["demo-bloodmnist"]["default"] and by_name["demo-bloodmnist"]["task"] == "classify"
     assert len(by_name["demo-bloodmnist"]["classes"]) == 8 and by_name["demo-bloodmnist"]["input_size"] == 28
     assert by_name["demo-nuclei"]["task"] == "segment" and by_name["demo-nuclei"]["classes"] == []
     assert {m["provider"] for m in models} == {"CPU"}
-    assert httpx.get(f"{two_model_service}/models", timeout=30).status_code == 401
+    assert httpx.get(f"{demo_models_service}/models", timeout=30).status_code == 401
 
 
-def test_segment_a_real_1000_px_tile(two_model_service: str) -> None:
+def test_segment_a_real_1000_px_tile(demo_models_service: str) -> None:
     folder = shared("monuseg", "test", "images")
     path = sorted(folder.glob("*.png"))[1]
-    answer = _post(two_model_service, "/segment", [(path.name, path.read_bytes(), "image/png")],
+    answer = _post(demo_models_service, "/segment", [(path.name, path.read_bytes(), "image/png")],
                    pixel_size_um="0.25", return_mask="true", return_geojson="true")
     assert answer.status_code == 200, answer.text
     (result,) = answer.json()
@@ -275,11 +275,11 @@ def test_segment_a_real_1000_px_tile(two_model_service: str) -> None:
     assert (mask > 0).mean() < 0.5  # never a map covering most of the tile
 
 
-def test_offsets_move_nuclei_into_slide_coordinates(two_model_service: str) -> None:
+def test_offsets_move_nuclei_into_slide_coordinates(demo_models_service: str) -> None:
     tile = sorted(HE_TILES.glob("TUM*.png"))[0]
     files = [(tile.name, tile.read_bytes(), "image/png")]
-    (plain,) = _post(two_model_service, "/segment", files).json()
-    answer = _post(two_model_service, "/segment", files, offset_x="40000", offset_y="12000", return_geojson="true")
+    (plain,) = _post(demo_models_service, "/segment", files).json()
+    answer = _post(demo_models_service, "/segment", files, offset_x="40000", offset_y="12000", return_geojson="true")
     assert answer.status_code == 200, answer.text
     (moved,) = answer.json()
     assert moved["offset"] == [40000, 12000] and moved["count"] == plain["count"] > 0
@@ -292,19 +292,19 @@ def test_offsets_move_nuclei_into_slide_coordinates(two_model_service: str) -> N
     assert feature["properties"]["measurements"]["probability"] == moved["nuclei"][0]["probability"]
     assert min(x for x, _ in feature["geometry"]["coordinates"][0]) >= 40000
     # the same request again: the same ids
-    assert [n["uid"] for n in _post(two_model_service, "/segment", files, offset_x="40000",
+    assert [n["uid"] for n in _post(demo_models_service, "/segment", files, offset_x="40000",
                                     offset_y="12000").json()[0]["nuclei"]] == [n["uid"] for n in moved["nuclei"]]
     for bad in ({"offset_x": "-5"}, {"offset_y": "ten"}):
-        refused = _post(two_model_service, "/segment", files, **bad)
+        refused = _post(demo_models_service, "/segment", files, **bad)
         assert refused.status_code == 400 and "offset" in refused.text, refused.text
 
 
-def test_the_request_chooses_which_method_answers(two_model_service: str) -> None:
+def test_the_request_chooses_which_method_answers(demo_models_service: str) -> None:
     path = sorted(shared("monuseg", "test", "images").glob("*.png"))[0]
     files = [(path.name, path.read_bytes(), "image/png")]
     answers = {}
     for method in ("network", "network-or-classical", "classical", "auto"):
-        r = _post(two_model_service, "/segment", files, method=method, return_mask="true")
+        r = _post(demo_models_service, "/segment", files, method=method, return_mask="true")
         assert r.status_code == 200, r.text
         answers[method] = r.json()[0]
     assert answers["network"]["produced_by"] == "network" and answers["network"]["check"] is None
@@ -316,32 +316,32 @@ def test_the_request_chooses_which_method_answers(two_model_service: str) -> Non
     assert checked["label_png_base64"] == answers[same]["label_png_base64"]
     # the demo config's default (serve: classical), unless the card says otherwise
     assert answers["auto"]["label_png_base64"] == answers["classical"]["label_png_base64"]
-    refused = _post(two_model_service, "/segment", files, method="best")
+    refused = _post(demo_models_service, "/segment", files, method="best")
     assert refused.status_code == 400 and "method" in refused.text
 
 
-def test_requests_name_a_model_and_wrong_ones_are_refused(two_model_service: str) -> None:
+def test_requests_name_a_model_and_wrong_ones_are_refused(demo_models_service: str) -> None:
     blood = shared("blood-photos")
     photo = sorted(blood.rglob("*.jpg"))[0]
     files = [(photo.name, photo.read_bytes(), "image/jpeg")]
-    default = _post(two_model_service, "/classify", files)
+    default = _post(demo_models_service, "/classify", files)
     assert default.status_code == 200 and default.json()[0]["model"] == "demo-bloodmnist"
-    assert _post(two_model_service, "/classify", files, model="demo-bloodmnist").json()[0]["model"] == "demo-bloodmnist"
-    wrong_task = _post(two_model_service, "/classify", files, model="demo-nuclei")
+    assert _post(demo_models_service, "/classify", files, model="demo-bloodmnist").json()[0]["model"] == "demo-bloodmnist"
+    wrong_task = _post(demo_models_service, "/classify", files, model="demo-nuclei")
     assert wrong_task.status_code == 400 and "segment model" in wrong_task.text
-    unknown = _post(two_model_service, "/embed", files, model="retina")
+    unknown = _post(demo_models_service, "/embed", files, model="retina")
     assert unknown.status_code == 404 and "demo-bloodmnist" in unknown.text
     # /segment without a model name goes to the segmenter, not the (classifier) default
     tile = sorted(HE_TILES.glob("LYM*.png"))[0]
-    seg = _post(two_model_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")])
+    seg = _post(demo_models_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")])
     assert seg.status_code == 200 and seg.json()[0]["model"] == "demo-nuclei"
-    broken = _post(two_model_service, "/segment", [("x.png", b"\x89PNG not really", "image/png")])
+    broken = _post(demo_models_service, "/segment", [("x.png", b"\x89PNG not really", "image/png")])
     assert broken.status_code == 400 and "x.png" in broken.text
 
 
-def test_a_tile_at_another_resolution_is_answered_in_its_own_pixels(two_model_service: str) -> None:
+def test_a_tile_at_another_resolution_is_answered_in_its_own_pixels(demo_models_service: str) -> None:
     tile = sorted(HE_TILES.glob("TUM*.png"))[0]  # 224 px at 0.5 µm/px; the model's card says 0.25
-    answer = _post(two_model_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")],
+    answer = _post(demo_models_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")],
                    pixel_size_um="0.5", return_mask="true", method="network-or-classical")
     assert answer.status_code == 200, answer.text
     (result,) = answer.json()
@@ -351,27 +351,27 @@ def test_a_tile_at_another_resolution_is_answered_in_its_own_pixels(two_model_se
     for nucleus in result["nuclei"]:
         assert nucleus["area_um2"] == pytest.approx(nucleus["area_px"] * 0.25, rel=1e-3)
         assert nucleus["bbox"][2] <= 224 and nucleus["bbox"][3] <= 224
-    too_big = _post(two_model_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")],
+    too_big = _post(demo_models_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")],
                     pixel_size_um="100", method="network")
     assert too_big.status_code == 413 and "limit" in too_big.text
     # the classical method needs no resampling: it cuts the tile in its own pixels, with rules scaled to them
-    classical = _post(two_model_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")],
+    classical = _post(demo_models_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")],
                       pixel_size_um="100", method="classical")
     assert classical.status_code == 200 and not classical.json()[0]["resampled"]
 
 
-def test_python_client_and_cli_segment(two_model_service: str) -> None:
+def test_python_client_and_cli_segment(demo_models_service: str) -> None:
     import subprocess
     import sys
 
     from medcl.client import MedclClient
 
     tiles = sorted(HE_TILES.glob("TUM*.png"))[:2]
-    with MedclClient(two_model_service, api_key=ADMIN_KEY) as client:
+    with MedclClient(demo_models_service, api_key=ADMIN_KEY) as client:
         assert {m["name"] for m in client.models()} == {"demo-bloodmnist", "demo-nuclei"}
         (answer,) = client.segment(tiles[:1], return_geojson=True)
         assert answer["model"] == "demo-nuclei" and answer["geojson"]["type"] == "FeatureCollection"
-    cli = [sys.executable, "-m", "medcl.cli", "segment", "--url", two_model_service, "--api-key", ADMIN_KEY]
+    cli = [sys.executable, "-m", "medcl.cli", "segment", "--url", demo_models_service, "--api-key", ADMIN_KEY]
     out = subprocess.run([*cli, *map(str, tiles)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
@@ -414,38 +414,38 @@ def test_fluorescence_is_recognised_and_made_brightfield_like() -> None:
         as_brightfield(read_rgb(dark[0]), "infrared")
 
 
-def test_segment_a_fluorescence_image(two_model_service: str) -> None:
+def test_segment_a_fluorescence_image(demo_models_service: str) -> None:
     (path,) = _dsb("fluorescence", 1)
     files = [(path.name, path.read_bytes(), "image/png")]
-    auto = _post(two_model_service, "/segment", files)
+    auto = _post(demo_models_service, "/segment", files)
     assert auto.status_code == 200, auto.text
     assert auto.json()[0]["modality"] == "fluorescence"
-    forced = _post(two_model_service, "/segment", files, modality="brightfield")
+    forced = _post(demo_models_service, "/segment", files, modality="brightfield")
     assert forced.status_code == 200 and forced.json()[0]["modality"] == "brightfield"
     tile = sorted(HE_TILES.glob("TUM*.png"))[0]
-    he = _post(two_model_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")])
+    he = _post(demo_models_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")])
     assert he.json()[0]["modality"] == "brightfield"
-    bad = _post(two_model_service, "/segment", files, modality="infrared")
+    bad = _post(demo_models_service, "/segment", files, modality="infrared")
     assert bad.status_code == 400 and "modality" in bad.text
 
 
-def test_metrics_per_model_and_endpoint(two_model_service: str) -> None:
+def test_metrics_per_model_and_endpoint(demo_models_service: str) -> None:
     import httpx
 
     tile = sorted(HE_TILES.glob("MUC*.png"))[0]
-    assert _post(two_model_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")]).status_code == 200
-    text = httpx.get(f"{two_model_service}/metrics", timeout=30).text
+    assert _post(demo_models_service, "/segment", [(tile.name, tile.read_bytes(), "image/png")]).status_code == 200
+    text = httpx.get(f"{demo_models_service}/metrics", timeout=30).text
     assert 'medcl_model_request_seconds_count{endpoint="segment",model="demo-nuclei"}' in text
     assert 'medcl_nuclei_per_tile_count{model="demo-nuclei"}' in text
     assert 'medcl_model_info{model="demo-nuclei"' in text and 'medcl_model_info{model="demo-bloodmnist"' in text
 
 
-def test_geojson_of_a_real_tile_is_valid(two_model_service: str) -> None:
+def test_geojson_of_a_real_tile_is_valid(demo_models_service: str) -> None:
     """What a GeoJSON validator checks: closed rings of >= 4 positions, counter-clockwise exteriors
     (RFC 7946), and, with shapely where installed, simple valid polygons."""
     folder = shared("monuseg", "test", "images")
     path = sorted(folder.glob("*.png"))[2]
-    (result,) = _post(two_model_service, "/segment", [(path.name, path.read_bytes(), "image/png")],
+    (result,) = _post(demo_models_service, "/segment", [(path.name, path.read_bytes(), "image/png")],
                       return_geojson="true").json()
     features = result["geojson"]["features"]
     assert len(features) == result["count"] > 20

@@ -21,7 +21,12 @@ class DataConfig(BaseModel):
     name: str
     kind: Literal["npz", "folder", "csv"]
     path: str
+    # Folder sources: names for the class folders in sorted folder order (folders named 0/1 become
+    # normal/tumor); CSV sources: the class order.
     class_names: list[str] | None = None
+    # Folder sources with an official evaluation split of their own (same class folders): used as the
+    # test split as it is, instead of cutting one from ``path``. It only reports; selection uses val.
+    test_path: str | None = None
     label_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
     # Folder and CSV sources have no official split: a seeded, stratified, group-safe one is made.
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
@@ -103,7 +108,8 @@ VOLATILE_SCHEDULE = frozenset({"max_minutes", "eval_every", "checkpoint_every", 
 
 # Fields added after runs existed (see TrainConfig.fingerprint), as dotted paths.
 ADDED_LATER = ("init_from", "method.teacher", "method.patch_fraction", "method.normal_classes",
-               "method.abnormal_threshold", "method.tau_patch", "data.split_seed")
+               "method.abnormal_threshold", "method.tau_patch", "data.split_seed", "data.test_path",
+               "preprocess.pixel_size_um")
 
 
 class TrainConfig(BaseModel):
@@ -135,7 +141,8 @@ class TrainConfig(BaseModel):
         volatile = set(VOLATILE_SCHEDULE)
         if self.optim.schedule == "constant":
             volatile.add("steps")
-        exclude: dict = {"output_dir": True, "schedule": volatile}
+        # test-time augmentation changes answers, not training: a run is reused under either setting
+        exclude: dict = {"output_dir": True, "schedule": volatile, "model": {"test_time_augmentation": True}}
         # Fields added after runs existed are left out while unset, so those runs still resume and
         # experiments still reuse them (a new field with a default must not orphan every earlier run).
         for path in ADDED_LATER:
@@ -203,8 +210,10 @@ def load_config(path: str | os.PathLike[str], overrides: dict | None = None) -> 
     """Read a YAML config; relative data, pretrained and output paths are taken from the YAML's folder."""
     raw = read_config_yaml(path, overrides)
     base = Path(path).parent
-    if isinstance(raw.get("data"), dict) and "path" in raw["data"]:
-        raw["data"]["path"] = str(resolve_path(base, raw["data"]["path"]))
+    if isinstance(raw.get("data"), dict):
+        for key in ("path", "test_path"):
+            if raw["data"].get(key):
+                raw["data"][key] = str(resolve_path(base, raw["data"][key]))
     for key in ("pretrained", "init_from"):
         if raw.get(key):
             raw[key] = str(resolve_path(base, raw[key]))

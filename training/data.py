@@ -139,20 +139,29 @@ def _load_many(paths: list[Path], spec: PreprocessSpec, desc: str) -> np.ndarray
     return out
 
 
-def read_folder(root: str | Path, spec: PreprocessSpec) -> tuple[ImageSet, ImageSet | None]:
-    """``root/<class>/*.png|jpg|tif`` plus an optional ``root/unlabelled/`` (any depth below it)."""
+def read_folder(root: str | Path, spec: PreprocessSpec,
+                class_names: list[str] | None = None) -> tuple[ImageSet, ImageSet | None]:
+    """``root/<class>/*.png|jpg|tif`` plus an optional ``root/unlabelled/`` (any depth below it).
+
+    ``class_names`` renames the class folders in sorted order (PatchCamelyon's ``0``/``1`` become
+    ``normal``/``tumor``); there must be exactly one name per class folder."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"no such folder: {root}")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and d.name != "unlabelled")
+    if class_names is not None and len(class_names) != len(class_dirs):
+        raise DataError(f"{len(class_names)} class_names given for the {len(class_dirs)} class folders of {root} "
+                        f"({', '.join(d.name for d in class_dirs)})")
     paths: list[Path] = []
     labels: list[int] = []
     names: list[str] = []
     for d in class_dirs:
         files = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
+            if class_names is not None:
+                raise DataError(f"class folder {d} has no images")
             continue
-        names.append(d.name)
+        names.append(class_names[len(names)] if class_names is not None else d.name)
         paths += files
         labels += [len(names) - 1] * len(files)
     if not paths:

@@ -59,8 +59,14 @@ def load_splits(config: DataConfig, spec, seed: int) -> Splits:
                 if part is not None:
                     part.images = resize_images(part.images, spec)
         return splits
+    fixed_test = None
     if config.kind == "folder":
-        everything, extra_unlabelled = read_folder(config.path, spec)
+        everything, extra_unlabelled = read_folder(config.path, spec, config.class_names)
+        if config.test_path:
+            fixed_test, _ = read_folder(config.test_path, spec, config.class_names)
+            if fixed_test.class_names != everything.class_names:
+                raise DataError(f"{config.test_path} has classes {fixed_test.class_names} but {config.path} has "
+                                f"{everything.class_names}")
     else:
         everything = read_csv_manifest(config.path, spec, config.path_column, config.label_column,
                                        config.group_column, config.class_names, config.path_template)
@@ -70,8 +76,11 @@ def load_splits(config: DataConfig, spec, seed: int) -> Splits:
             everything = everything.subset(np.flatnonzero(everything.labels != UNLABELLED))
     if config.split_seed is not None:
         seed = config.split_seed
-    train_idx, test_idx = group_split(everything.labels, everything.groups, config.test_fraction, seed)
-    train, test = everything.subset(train_idx), everything.subset(test_idx)
+    if fixed_test is not None:
+        train, test = everything, fixed_test
+    else:
+        train_idx, test_idx = group_split(everything.labels, everything.groups, config.test_fraction, seed)
+        train, test = everything.subset(train_idx), everything.subset(test_idx)
     val = None
     if config.val_fraction > 0:
         tr, va = group_split(train.labels, train.groups, config.val_fraction, seed + 1)
@@ -302,15 +311,27 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
 
 def write_drift_reference(model: EncoderClassifier, card: Card, data: TrainingData, run_dir: Path, seed: int) -> None:
     """What in-distribution traffic looks like to this model (medcl/drift.py): a sample of training
-    embeddings, and the held-out images' confidences and distances to it."""
-    from medcl.drift import REFERENCE_SAMPLE, build_reference, save_reference
+    embeddings, and the held-out images' confidences and distances to it. With a validation split, the
+    card's out-of-distribution threshold is set on the validation images' distances (never the test's)."""
+    from medcl.card import OodSpec
+    from medcl.drift import OOD_QUANTILE, REFERENCE_SAMPLE, build_reference, nearest_distance, ood_threshold, \
+        save_reference
 
     pool = data.labelled.images if data.unlabelled is None else np.concatenate([data.labelled.images,
                                                                                  data.unlabelled.images])
     pick = np.random.default_rng(seed).permutation(len(pool))[:REFERENCE_SAMPLE]
-    _, train_emb = predict(model, pool[np.sort(pick)], card.preprocess.mean, card.preprocess.std)
+    sample = pool[np.sort(pick)]
+    _, train_emb = predict(model, sample, card.preprocess.mean, card.preprocess.std)
     logits, emb = predict(model, data.test.images, card.preprocess.mean, card.preprocess.std)
-    save_reference(build_reference(train_emb, logits, emb, seed), run_dir)
+    reference = build_reference(train_emb, logits, emb, seed, train_pixels=sample)
+    save_reference(reference, run_dir)
+    if data.val is not None and len(data.val):
+        _, val_emb = predict(model, data.val.images, card.preprocess.mean, card.preprocess.std)
+        distance = nearest_distance(val_emb, reference.train_embeddings)
+        image_distance = reference.image_distance(data.val.images)
+        card.ood = OodSpec(threshold=round(ood_threshold(distance), 6),
+                           image_threshold=round(ood_threshold(image_distance), 4),
+                           quantile=OOD_QUANTILE, images=len(distance))
 
 
 def load_trained(run_dir: str | Path) -> tuple[EncoderClassifier, Card]:

@@ -64,4 +64,6 @@ def macro_auroc(y_true: np.ndarray, logits: np.ndarray) -> float | None:
     probs = torch.from_numpy(logits).float().softmax(dim=1).numpy()
     if len(np.unique(y_true)) < probs.shape[1]:
         return None
+    if probs.shape[1] == 2:  # binary: scikit-learn wants the positive class's score alone
+        return float(roc_auc_score(y_true, probs[:, 1]))
     return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro"))

@@ -139,14 +139,30 @@ class EncoderClassifier(nn.Module):
     ``forward`` returns (logits, embedding).
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, embedding_dim: int, num_classes: int) -> None:
+    def __init__(self, backbone: nn.Module, feature_dim: int, embedding_dim: int, num_classes: int,
+                 test_time_augmentation: str = "none") -> None:
         super().__init__()
         self.backbone = backbone
         self.embedder = nn.Linear(feature_dim, embedding_dim)
         self.classifier = nn.Linear(embedding_dim, num_classes)
+        self.test_time_augmentation = test_time_augmentation
 
     def forward(self, x: torch.Tensor, features: bool = False) -> tuple[torch.Tensor, ...]:
-        """(logits, embedding); with ``features``, also the pooled backbone features (SRC-MT's relations)."""
+        """(logits, embedding); with ``features``, also the pooled backbone features (SRC-MT's relations).
+
+        In eval mode with test_time_augmentation "d4", the mean over the tile's 8 flips and quarter-turns
+        (one batch of 8N through the network)."""
+        if self.test_time_augmentation == "d4" and not self.training and not features and x.shape[-1] == x.shape[-2]:
+            n = x.shape[0]
+            # the 8 symmetries of a square: {identity, transpose} x {no flip, flip x, flip y, both}
+            # (torch.rot90 has no ONNX export; transposes and flips do)
+            mirrored = x.transpose(-2, -1)
+            views = [v for t in (x, mirrored) for v in (t, t.flip(-1), t.flip(-2), t.flip(-2, -1))]
+            logits, embedding = self._forward(torch.cat(views))
+            return (logits.reshape(8, n, -1).mean(dim=0), embedding.reshape(8, n, -1).mean(dim=0))
+        return self._forward(x, features)
+
+    def _forward(self, x: torch.Tensor, features: bool = False) -> tuple[torch.Tensor, ...]:
         pooled = self.backbone(x)
         embedding = self.embedder(pooled)
         if features:
@@ -183,7 +199,7 @@ def create_model(spec: ArchitectureSpec, num_classes: int, pretrained: str | Pat
     spec.feature_dim = feature_dim
     if pretrained:
         load_pretrained(backbone, pretrained)
-    return EncoderClassifier(backbone, feature_dim, spec.embedding_dim, num_classes)
+    return EncoderClassifier(backbone, feature_dim, spec.embedding_dim, num_classes, spec.test_time_augmentation)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
