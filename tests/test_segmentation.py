@@ -368,7 +368,7 @@ def test_python_client_and_cli_segment(demo_models_service: str) -> None:
 
     tiles = sorted(HE_TILES.glob("TUM*.png"))[:2]
     with MedclClient(demo_models_service, api_key=ADMIN_KEY) as client:
-        assert {m["name"] for m in client.models()} == {"demo-bloodmnist", "demo-nuclei"}
+        assert {m["name"] for m in client.models()} == {"demo-bloodmnist", "demo-nuclei", "demo-pcam"}
         (answer,) = client.segment(tiles[:1], return_geojson=True)
         assert answer["model"] == "demo-nuclei" and answer["geojson"]["type"] == "FeatureCollection"
     cli = [sys.executable, "-m", "medcl.cli", "segment", "--url", demo_models_service, "--api-key", ADMIN_KEY]
