@@ -218,8 +218,10 @@ def render(r: dict, figure: str) -> str:
              "",
              "## Out-of-distribution flag", "",
              "`in_distribution` is false when either signal passes its threshold: the embedding's cosine distance to "
-             "the nearest of 2,048 training embeddings (`ood_score`), or the Mahalanobis distance of the image's colour "
-             "and texture statistics from the training images' (`image_ood_score`). Each threshold is the 99th "
+             "the nearest of 2,048 training embeddings (`ood_score`), or the distance of the image's colour "
+             "and texture statistics from the training images' (`image_ood_score`: mean distance to the 10 nearest "
+             "of 2,048 training images in 14 standardised statistics, chosen on development images of other "
+             "modalities in [ood-signals.md](ood-signals.md)). Each threshold is the 99th "
              "percentile of its score on the model's validation images, so about 1-2% of in-distribution images are "
              "flagged by construction.", ""]
     for model, block in r["ood"].items():

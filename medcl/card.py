@@ -114,8 +114,8 @@ class OodSpec(BaseModel):
 
     - ``threshold``: on the cosine distance from the image's embedding to the nearest embedding of the
       package's training sample (``ood_score`` in answers);
-    - ``image_threshold``: on the Mahalanobis distance of the image's colour and texture statistics from
-      the training images' (``image_ood_score``).
+    - ``image_threshold``: on the distance of the image's colour and texture statistics from the
+      training images' (``image_ood_score``; ``image_score`` names how it is measured).
 
     An image is in distribution when neither exceeds its threshold. Each threshold is the ``quantile``
     of its score over the run's validation images (cut from the training data, never the test split)."""
@@ -125,6 +125,9 @@ class OodSpec(BaseModel):
     score: Literal["nearest_training_cosine_distance"] = "nearest_training_cosine_distance"
     threshold: float = Field(ge=0.0, le=2.0)
     image_threshold: float | None = Field(default=None, ge=0.0)
+    # "knn10_statistics26": mean distance to the 10 nearest training images in 26 standardised statistics;
+    # "mahalanobis_statistics14": Mahalanobis distance of 14 (packages built before the choice; None here)
+    image_score: str | None = None
     quantile: float = Field(gt=0.0, lt=1.0)
     images: int = Field(ge=1)  # validation images the thresholds were set on
 

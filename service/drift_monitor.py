@@ -34,7 +34,7 @@ class DriftMonitor:
     def image_scores(self, batch: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray | None:
         """The image statistics' distance (image_ood_score) of a normalised (N, 3, H, W) batch, on the
         0-255 pixels it came from; None for a reference without statistics."""
-        if self.reference.statistics_mean is None:
+        if self.reference.statistics is None:
             return None
         scale = np.asarray(std, np.float32) * 255.0
         offset = np.asarray(mean, np.float32) * 255.0

@@ -134,8 +134,9 @@ class Prediction(BaseModel):
         None, description="Cosine distance from the image's embedding to the nearest of the model's training "
                           "embeddings (a sample carried in its package); null for a package without one")
     image_ood_score: float | None = Field(
-        None, description="Mahalanobis distance of the image's colour and texture statistics from the model's "
-                          "training images'; null for a package without them")
+        None, description="Distance of the image's colour and texture statistics from the model's training "
+                          "images' (mean distance to the 10 nearest, in standardised statistics; the card's "
+                          "ood.image_score names the measure); null for a package without them")
     in_distribution: bool | None = Field(
         None, description="Both scores at or below the model card's thresholds (set on its validation images); "
                           "false means the image is unlike anything the model was trained on, so its label is "

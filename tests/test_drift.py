@@ -146,3 +146,39 @@ def test_image_statistics_tell_histology_from_blood_cells(tiny_run: Path) -> Non
     he = reference.image_distance(np.stack([to_model_pixels(decode_image(t), card.preprocess) for t in tiles]))
     assert np.mean(own > card.ood.image_threshold) < 0.05
     assert np.mean(he > card.ood.image_threshold) > 0.9
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "knn"])
+def test_statistics_reference_round_trips_and_scores_its_own_kind_low(tmp_path: Path, kind: str) -> None:
+    """Both kinds of image-statistics reference, saved and loaded as the package carries them, score
+    the same images the same; images unlike the training ones (smooth, one colour) score far higher."""
+    from medcl.drift import Reference, StatisticsReference, save_reference
+
+    with np.load(REPO_ROOT / "demo" / "bloodmnist-demo.npz") as z:
+        train, test = z["train_images"][:600], z["test_images"][:200]
+    stats = StatisticsReference.fit(train, kind=kind, statistics=26)
+    unit = np.eye(4, dtype=np.float32)
+    save_reference(Reference(unit, np.ones(3, np.float32), np.zeros(3, np.float32), stats), tmp_path)
+    loaded = load_reference(tmp_path).statistics
+    assert loaded.kind == kind and loaded.statistics == 26
+    assert np.allclose(loaded.score(test), stats.score(test), rtol=1e-2, atol=1e-2)
+    flat = np.broadcast_to(np.array([200, 120, 90], np.uint8), (20, 28, 28, 3))
+    assert np.median(stats.score(flat)) > 3 * np.quantile(stats.score(test), 0.99)
+
+
+def test_references_written_before_the_statistics_kind_still_load(tmp_path: Path) -> None:
+    """A package built by an earlier version carries an unscaled Gaussian of 14 statistics; it loads as one."""
+    from medcl.drift import image_statistics
+
+    with np.load(REPO_ROOT / "demo" / "bloodmnist-demo.npz") as z:
+        train, test = z["train_images"][:600].astype(np.float32), z["test_images"][:50]
+    s = image_statistics(train, 14).astype(np.float64)
+    mean, precision = s.mean(0), np.linalg.inv(np.cov(s, rowvar=False) + 1e-6 * np.eye(14))
+    np.savez_compressed(tmp_path / "drift_reference.npz", train_embeddings=np.eye(4, dtype=np.float16),
+                        confidence=np.ones(3), distance=np.zeros(3), statistics_mean=mean.astype(np.float32),
+                        statistics_precision=precision.astype(np.float32))
+    loaded = load_reference(tmp_path).statistics
+    assert loaded.kind == "gaussian" and loaded.statistics == 14
+    z = image_statistics(test, 14) - mean
+    expected = np.sqrt(np.einsum("ij,jk,ik->i", z, precision, z))
+    assert np.allclose(loaded.score(test), expected, rtol=1e-3)

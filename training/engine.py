@@ -331,6 +331,7 @@ def write_drift_reference(model: EncoderClassifier, card: Card, data: TrainingDa
         image_distance = reference.image_distance(data.val.images)
         card.ood = OodSpec(threshold=round(ood_threshold(distance), 6),
                            image_threshold=round(ood_threshold(image_distance), 4),
+                           image_score=reference.statistics.name,
                            quantile=OOD_QUANTILE, images=len(distance))
 
 
