@@ -2,6 +2,7 @@
 # Time `make serve` on a fresh clone with no ../shared beside it (as on a user's machine):
 # first run (set-up + demo training + export + start) and second run, until /readyz answers.
 #   bash scripts/time_first_run.sh            -> docs/first-run.md
+#   KEEP_PACKAGES=DIR bash scripts/time_first_run.sh   also keeps the demo packages the first run built
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 port=${PORT:-3123}
@@ -27,6 +28,7 @@ stop
 MEDCL_PORT=$port make serve > second.log 2>&1 &
 second=$(wait_ready 120)
 stop
+if [ -n "${KEEP_PACKAGES:-}" ]; then mkdir -p "$KEEP_PACKAGES" && cp -r .medcl/packages/. "$KEEP_PACKAGES/"; fi
 cat > "$repo/docs/first-run.md" <<DOC
 # First and later runs of \`make serve\`
 
