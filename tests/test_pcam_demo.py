@@ -40,6 +40,7 @@ def test_carried_package_is_what_its_command_builds() -> None:
     assert card.training["built_by"] == PCAM_BUILD_COMMAND  # not a shortened run
     assert card.training["steps_done"] == config.schedule.steps
     assert card.ood is not None and card.ood.images > 0
+    assert card.ood.image_score == "knn10_statistics14"  # the image signal packages are built with
     size = sum(f.stat().st_size for f in CARRIED.iterdir())
     assert size <= 20 * 2**20, f"the carried package is {size / 2**20:.1f} MB"
     assert {p.name for p in (DEMO_PCAM / "index").iterdir()} == {"normal", "tumor"}
