@@ -212,7 +212,9 @@ def render(r: dict, figure: str) -> str:
              "validation share, ResNet-18 at width 32 with the ImageNet stem, 3,000 steps of 64 patches, answers "
              "averaged over the tile's 8 flips and quarter-turns (configs/demo-pcam.yaml). Two augmentation "
              "settings, with and without that averaging, were compared on the validation share only "
-             "([pcam-settings.md](pcam-settings.md)); `valid/` chose nothing. For scale: the published "
+             "([pcam-settings.md](pcam-settings.md)); `valid/` chose nothing. The same command run on another CPU "
+             "gives a slightly different model (the order of floating-point sums differs): the carried package "
+             f"({c['version']}) is the one measured here. For scale: the published "
              "rotation-equivariant DenseNet trained on all 262,144 PatchCamelyon patches (44x these) reaches about "
              "0.898 accuracy and 0.963 AUC on PatchCamelyon's test split (another split, so not directly comparable).",
              "",

@@ -23,7 +23,7 @@ wait_ready() {  # seconds until /readyz answers, or fail after $1 s
 stop() { pkill -f "medcl demo serve" || true; pkill -f "bentoml serve service.service:Medcl --port $port" || true; sleep 3; }
 
 MEDCL_PORT=$port make serve > first.log 2>&1 &
-first=$(wait_ready 900)
+first=$(wait_ready 1800)
 stop
 MEDCL_PORT=$port make serve > second.log 2>&1 &
 second=$(wait_ready 120)
