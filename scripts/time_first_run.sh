@@ -20,7 +20,11 @@ wait_ready() {  # seconds until /readyz answers, or fail after $1 s
   done
   echo "not ready after $1 s" >&2; return 1
 }
-stop() { pkill -f "medcl demo serve" || true; pkill -f "bentoml serve service.service:Medcl --port $port" || true; sleep 3; }
+stop() {  # and wait until nothing answers on the port, so the next run's time is its own
+  pkill -f "medcl demo serve" || true; pkill -f "bentoml serve service.service:Medcl --port $port" || true
+  for _ in $(seq 1 60); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || return 0; sleep 1; done
+  echo "the first run's service still answers on port $port" >&2; return 1
+}
 
 MEDCL_PORT=$port make serve > first.log 2>&1 &
 first=$(wait_ready 1800)
