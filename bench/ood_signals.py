@@ -46,8 +46,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def candidate_reference(name: str, train_pixels: np.ndarray) -> StatisticsReference:
-    kind, count = ("gaussian", 14) if name == "gaussian14" else ("gaussian", 26) if name == "gaussian26" else \
-        ("knn", 14) if name == "knn14" else ("knn", 26)
+    """``gaussian14`` -> a Gaussian over the first 14 statistics, ``knn26`` -> nearest neighbours over 26, ..."""
+    kind, count = name[:-2], int(name[-2:])
     return StatisticsReference.fit(train_pixels, kind=kind, statistics=count)
 
 
